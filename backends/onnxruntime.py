@@ -1,0 +1,94 @@
+"""ONNX Runtime backend: ONNX export of the IR, then a CPU session with graph optimisations."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from backends.onnx_export import ExportRequest, export_onnx
+from compiler.backend_base import Backend, Lowered, LoweringRequest
+from compiler.errors import TargetError, UsageError
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OnnxRuntimeRunner:
+    """Runs an ONNX Runtime session on torch tensors."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.inputs = session.get_inputs()
+        self.output_names = [output.name for output in session.get_outputs()]
+
+    def run(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Check the inputs against the session's, run, and return torch tensors."""
+        if len(inputs) != len(self.inputs):
+            names = ", ".join(spec.name for spec in self.inputs)
+            raise UsageError(f"the model takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
+        feed = {spec.name: _to_numpy(spec, value) for spec, value in zip(self.inputs, inputs, strict=True)}
+        outputs = self.session.run(self.output_names, feed)
+        return tuple(torch.from_numpy(np.asarray(output)) for output in outputs)
+
+
+def _to_numpy(spec, value: object) -> np.ndarray:
+    if not isinstance(value, torch.Tensor):
+        raise UsageError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+    array = value.detach().cpu().numpy()
+    expected = spec.type.removeprefix("tensor(").removesuffix(")")
+    if array.dtype.name != {"float": "float32", "double": "float64"}.get(expected, expected):
+        raise UsageError(f"input {spec.name!r} must have dtype {expected}, got {array.dtype.name}")
+    if len(spec.shape) != array.ndim:
+        raise UsageError(f"input {spec.name!r} must have rank {len(spec.shape)} {spec.shape}, got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0) -> ort.InferenceSession:
+    """A CPU session at graph optimisation ``level`` (disable, basic, extended, all)."""
+    if level not in _LEVELS:
+        raise TargetError(f"unknown graph_optimization_level {level!r}; choose from {', '.join(_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[level]
+    options.intra_op_num_threads = threads
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRuntimeBackend(Backend):
+    """Lower to ONNX and run with ONNX Runtime's CPU execution provider."""
+
+    name = "onnxruntime"
+    default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0}
+
+    def lower(self, request: LoweringRequest) -> Lowered:
+        """Export to ONNX, validate, and open a session."""
+        started = time.perf_counter()
+        model = export_onnx(ExportRequest(
+            request.graph_module, request.example_inputs, request.input_names,
+            request.output_names, request.dynamic_dims, self.options["opset"],
+        ))
+        runner = self.load(model)
+        info = {
+            "backend": self.name, "opset": _opset(model), "ir_version": model.ir_version,
+            "onnx_nodes": len(model.graph.node), "seconds": time.perf_counter() - started,
+            "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
+            "graph_optimization_level": self.options["graph_optimization_level"],
+        }
+        return Lowered(model, runner, info)
+
+    def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:
+        """A runner for an ONNX model."""
+        session = make_session(model, self.options["graph_optimization_level"], self.options["intra_op_num_threads"])
+        return OnnxRuntimeRunner(session)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))

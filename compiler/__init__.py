@@ -1,0 +1,33 @@
+"""fxpress: capture a PyTorch model, run verified passes with a per-pass ledger, lower to ONNX.
+
+    from compiler import compile
+    compiled = compile(model, target="cpu-fp32", example_inputs=(x,))
+    compiled(x); compiled.save("out/"); print(compiled.report)
+"""
+
+from __future__ import annotations
+
+from compiler.api import compile, inspect
+from compiler.compiled import CompiledModel
+from compiler.errors import (
+    AccuracyError,
+    ArtifactError,
+    CalibrationDataError,
+    CaptureError,
+    FxpressError,
+    LoweringError,
+    PassError,
+    TargetError,
+    UnsupportedOperatorError,
+    UsageError,
+    VerificationError,
+)
+from compiler.report import Ledger, LedgerEntry
+from compiler.targets import TARGETS, PassSpec, Target, Tolerance
+
+__all__ = [
+    "TARGETS", "AccuracyError", "ArtifactError", "CalibrationDataError", "CaptureError",
+    "CompiledModel", "FxpressError", "Ledger", "LedgerEntry", "LoweringError", "PassError",
+    "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",
+    "VerificationError", "compile", "inspect",
+]

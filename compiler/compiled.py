@@ -1,0 +1,54 @@
+"""The compiled model: callable on torch tensors, with its ledger, ONNX model and save()."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+import torch.utils._pytree as pytree
+
+from compiler.backend_base import Runner
+from compiler.report import Ledger
+
+
+class CompiledModel:
+    """A lowered model that behaves like the original: same inputs, outputs shaped the same."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        runner: Runner,
+        report: Ledger,
+        manifest: dict,
+        output_spec: pytree.TreeSpec,
+    ):
+        self._model = model
+        self._runner = runner
+        self.report = report
+        self.manifest = manifest
+        self._output_spec = output_spec
+
+    @property
+    def onnx(self) -> onnx.ModelProto:
+        """The ONNX model."""
+        return self._model
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the model's inputs, in call order."""
+        return [spec["name"] for spec in self.manifest["inputs"]]
+
+    def __call__(self, *inputs: torch.Tensor) -> object:
+        """Run on torch tensors; return torch tensors in the structure the original returned."""
+        outputs = self._runner.run(tuple(inputs))
+        return pytree.tree_unflatten(list(outputs), self._output_spec)
+
+    def save(self, directory: str | Path, *, force: bool = False) -> Path:
+        """Write ``model.onnx``, ``manifest.json``, ``report.json`` and ``report.txt`` atomically."""
+        from compiler.artifact import write_artifact
+
+        return write_artifact(Path(directory), self._model, self.manifest, self.report, force=force)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(target={self.report.target!r}, inputs={self.input_names})"

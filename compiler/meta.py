@@ -1,0 +1,38 @@
+"""Every ``node.meta`` key fxpress reads or writes, in one place.
+
+Passes share per-node data only through these keys, never through globals. Keys owned by
+torch are listed first; fxpress keys are prefixed ``fxpress_`` so they never clash with torch's.
+"""
+
+from __future__ import annotations
+
+# --- written by torch.export (kept up to date by passes that create nodes) ---
+VAL = "val"  # FakeTensor (or SymInt) with the symbolic output shape and dtype
+NN_MODULE_STACK = "nn_module_stack"  # {key: (module path, class name)}, outermost first
+STACK_TRACE = "stack_trace"  # source lines of the user code that produced the node
+
+# --- written by fxpress ---
+MODULE_PATH = "fxpress_module_path"  # dotted PyTorch module path, e.g. "_blocks.3._depthwise_conv"
+MODULE_TYPE = "fxpress_module_type"  # class name of that module, e.g. "Conv2d" ("" at the root)
+SHAPE = "fxpress_shape"  # concrete output shape on the probe batch: tuple[int, ...], or None
+DTYPE = "fxpress_dtype"  # output dtype on the probe batch, as a string such as "float32"
+PARAMS = "fxpress_params"  # number of parameter elements this node reads through get_attr inputs
+MACS = "fxpress_macs"  # multiply-accumulates of this node on the probe batch
+FUSION_GROUP = "fxpress_fusion_group"  # name of the anchor (conv/linear) node of a fusion group
+FUSION_ROLE = "fxpress_fusion_role"  # "anchor" or "activation" within that group
+FUSED_ACTIVATION = "fxpress_fused_activation"  # on an anchor: the activation kind, e.g. "relu6"
+
+ALL_KEYS = (
+    VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
+    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION,
+)
+
+
+def module_path_from_stack(stack: dict | None) -> tuple[str, str]:
+    """Return (innermost module path, its class name) from an ``nn_module_stack`` entry."""
+    if not stack:
+        return "", ""
+    path, class_name = list(stack.values())[-1]
+    if isinstance(class_name, type):
+        class_name = class_name.__name__
+    return str(path), str(class_name).rsplit(".", 1)[-1]

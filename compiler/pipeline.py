@@ -1,0 +1,115 @@
+"""From model to optimised IR: capture, the eager reference, and the target's passes."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from compiler import probe
+from compiler.capture import Captured, DynamicDims, capture, check_model, normalize_inputs
+from compiler.errors import CaptureError, TargetError
+from compiler.pass_base import Pass, PassContext
+from compiler.pass_manager import PassManager
+from compiler.report import Ledger
+from compiler.targets import Target, get_target
+from compiler.tracing_errors import ModuleTracker, user_source_line
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineResult:
+    """The optimised IR with everything known about how it was obtained."""
+
+    graph_module: fx.GraphModule
+    captured: Captured
+    target: Target
+    ledger: Ledger
+    inputs: tuple[torch.Tensor, ...]
+    reference: tuple[torch.Tensor, ...]
+
+
+def registry(package: str) -> dict:
+    """``passes.REGISTRY`` or ``backends.REGISTRY`` (compiler reaches them only through these)."""
+    return importlib.import_module(package).REGISTRY
+
+
+def build_passes(target: Target) -> list[Pass]:
+    """Instantiate the target's pipeline, refusing unknown passes and options."""
+    passes = registry("passes")
+    built = []
+    for spec in target.pipeline:
+        if spec.name not in passes:
+            known = ", ".join(sorted(passes))
+            raise TargetError(f"target {target.name!r} names unknown pass {spec.name!r}; known passes: {known}")
+        built.append(passes[spec.name](**dict(spec.options)))
+    return built
+
+
+def eager_reference(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The model's own flat tensor outputs on ``inputs``, run twice to expose nondeterminism."""
+    runs = []
+    for _ in range(2):
+        tracker = ModuleTracker(model)
+        try:
+            with tracker, torch.no_grad():
+                outputs = model(*inputs)
+        except Exception as error:
+            where = f"module {tracker.failed_path!r}" if tracker.failed_path else "the model"
+            source = user_source_line(error)
+            raise CaptureError(
+                f"{where} fails on the example inputs: {type(error).__name__}: {error}"
+                f"{f' at {source}' if source else ''}. Check the example inputs' shapes and dtypes",
+                module_path=tracker.failed_path, source=source,
+            ) from error
+        runs.append(tuple(leaf for leaf in pytree.tree_leaves(outputs) if isinstance(leaf, torch.Tensor)))
+    if not runs[0]:
+        raise CaptureError("the model returns no tensors; fxpress compiles models with tensor outputs")
+    if not probe.within_tolerance(runs[1], runs[0], rtol=0.0, atol=0.0):
+        logger.warning("the model is not deterministic: two eager runs differ")
+    return runs[0]
+
+
+def run_pipeline(
+    model: torch.nn.Module,
+    target: str | Target,
+    example_inputs: object,
+    *,
+    calibration_data: object = None,
+    dump_dir: str | None = None,
+    dynamic_dims: DynamicDims | None = None,
+    verify: bool = True,
+    model_name: str | None = None,
+) -> PipelineResult:
+    """Capture ``model`` and run the target's passes with verification and a ledger."""
+    target = get_target(target)
+    passes = build_passes(target)
+    inputs = normalize_inputs(example_inputs)
+    check_model(model, inputs)
+    reference = eager_reference(model, inputs)
+    captured = capture(model, inputs, dynamic_dims)
+    ledger = Ledger(model=model_name or type(model).__name__, target=target.name, capture=_capture_record(captured))
+    ledger.fallbacks.extend(captured.fallbacks)
+    if calibration_data is not None and not any(p.name.startswith("calibrate") for p in passes):
+        ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
+    context = PassContext(inputs, inputs, calibration_data, target.name)
+    gm = PassManager(passes, verify=verify, dump_dir=dump_dir).run(captured.graph_module, context, reference, ledger)
+    return PipelineResult(gm, captured, target, ledger, inputs, reference)
+
+
+def _capture_record(captured: Captured) -> dict:
+    return {
+        "front_end": captured.front_end,
+        "seconds": captured.seconds,
+        "attempts": captured.attempts,
+        "inputs": list(captured.input_names),
+        "dynamic_dims": {
+            captured.input_names[index]: {str(dim): list(spec) for dim, spec in dims.items()}
+            for index, dims in captured.dynamic_dims.items()
+        },
+    }

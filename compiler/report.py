@@ -1,0 +1,148 @@
+"""The ledger: one entry per pass (what changed, what it cost, what it did to the outputs),
+rendered as a readable table or as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LedgerEntry:
+    """What one pass did."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    seconds: float
+    stats: dict[str, Any]
+    op_delta: dict[str, int]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    nodes_before: int
+    nodes_after: int
+    drift: dict[str, float | None]  # from the original model on the probe batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+@dataclass
+class Ledger:
+    """Everything fxpress did to a model, in order."""
+
+    model: str
+    target: str
+    capture: dict[str, Any] = field(default_factory=dict)
+    initial: dict[str, Any] = field(default_factory=dict)
+    entries: list[LedgerEntry] = field(default_factory=list)
+    lowering: dict[str, Any] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+
+    @property
+    def front_end(self) -> str:
+        """The capture front end that worked."""
+        return self.capture.get("front_end", "")
+
+    def entry(self, name: str) -> LedgerEntry:
+        """The first entry of the pass called ``name``."""
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"no pass {name!r} in the ledger; passes: {[e.name for e in self.entries]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; the pass entries are under ``"passes"``."""
+        return {
+            "model": self.model,
+            "target": self.target,
+            "capture": self.capture,
+            "initial": self.initial,
+            "passes": [entry.to_dict() for entry in self.entries],
+            "lowering": self.lowering,
+            "fallbacks": list(self.fallbacks),
+        }
+
+    def to_json(self) -> str:
+        """Indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def __str__(self) -> str:
+        return render_table(self)
+
+
+_COLUMNS = ("#", "pass", "mod", "ms", "stats", "ops delta", "params", "MACs", "max|diff|", "cosine")
+
+
+def render_table(ledger: Ledger) -> str:
+    """The ledger as a fixed-width text table."""
+    rows = [_initial_row(ledger)] + [_entry_row(i, e) for i, e in enumerate(ledger.entries, 1)]
+    widths = [max(len(str(row[col])) for row in rows + [_COLUMNS]) for col in range(len(_COLUMNS))]
+    lines = [_header(ledger), _format_row(_COLUMNS, widths), _format_row(["-" * w for w in widths], widths)]
+    lines += [_format_row(row, widths) for row in rows]
+    lines += _lowering_lines(ledger)
+    lines += [f"fallback: {text}" for text in ledger.fallbacks]
+    return "\n".join(lines)
+
+
+def _header(ledger: Ledger) -> str:
+    capture = ledger.capture
+    return (
+        f"fxpress ledger: model {ledger.model}, target {ledger.target}, front end "
+        f"{capture.get('front_end', '?')} ({capture.get('seconds', 0.0):.1f} s)"
+    )
+
+
+def _initial_row(ledger: Ledger) -> list[str]:
+    initial = ledger.initial
+    return ["0", "capture", "", "", f"nodes={initial.get('nodes', 0)}", "",
+            _count(initial.get("params", 0)), _count(initial.get("macs", 0)), "", ""]
+
+
+def _entry_row(index: int, entry: LedgerEntry) -> list[str]:
+    stats = " ".join(f"{key}={_short(value)}" for key, value in entry.stats.items())
+    delta = " ".join(f"{op.split('.')[-1]}{count:+d}" for op, count in entry.op_delta.items())
+    return [
+        str(index), entry.name, "yes" if entry.modified else "no", f"{entry.seconds * 1000:.0f}",
+        stats[:48], delta[:40], _change(entry.params_before, entry.params_after),
+        _change(entry.macs_before, entry.macs_after), f"{entry.drift['max_abs']:.1e}",
+        f"{entry.drift['cosine']:.6f}",
+    ]
+
+
+def _lowering_lines(ledger: Ledger) -> list[str]:
+    lowering = ledger.lowering
+    if not lowering:
+        return []
+    drift = lowering.get("drift", {})
+    return [
+        f"lowered by {lowering.get('backend')} in {lowering.get('seconds', 0.0):.1f} s: "
+        f"{lowering.get('onnx_nodes', 0)} ONNX nodes, opset {lowering.get('opset')}, "
+        f"IR version {lowering.get('ir_version')}; vs eager max|diff| {drift.get('max_abs', 0.0):.1e}, "
+        f"cosine {drift.get('cosine', 1.0):.6f}"
+    ]
+
+
+def _format_row(row, widths) -> str:
+    return "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+
+
+def _count(value: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _change(before: int, after: int) -> str:
+    return _count(after) if before == after else f"{_count(before)}->{_count(after)}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{v}" for k, v in value.items()) + "}"
+    return str(value)

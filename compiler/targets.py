@@ -1,0 +1,90 @@
+"""Targets are data: which passes run, with which options, and which backend lowers the result.
+
+Take a target and change it with ``dataclasses.replace``; a test checks that every pass named
+here exists in ``passes.REGISTRY`` and every backend in ``backends.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from compiler.errors import TargetError
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass by registry name, with its options."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {"name": self.name, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close the compiled model must stay to eager: ``|out - ref| <= atol + rtol * |ref|``."""
+
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named pipeline plus backend."""
+
+    name: str
+    description: str
+    pipeline: tuple[PassSpec, ...]
+    backend: str
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    tolerance: Tolerance = Tolerance(rtol=1e-3, atol=1e-5)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as recorded in reports and manifests."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "pipeline": [spec.to_dict() for spec in self.pipeline],
+            "backend": self.backend,
+            "backend_options": dict(self.backend_options),
+            "tolerance": {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol},
+        }
+
+
+_CLEANUP = (
+    PassSpec("remove_noops"),
+    PassSpec("fold_constants"),
+    PassSpec("eliminate_dead_code"),
+)
+
+TARGETS: Mapping[str, Target] = MappingProxyType({
+    "cpu-fp32": Target(
+        name="cpu-fp32",
+        description="fp32 on ONNX Runtime's CPU provider: cleanup, BatchNorm folding, fusion groups",
+        pipeline=(
+            *_CLEANUP,
+            PassSpec("fold_conv_bn"),
+            PassSpec("fold_linear_bn"),
+            PassSpec("mark_activation_fusion"),
+            PassSpec("eliminate_dead_code"),
+        ),
+        backend="onnxruntime",
+        backend_options={"opset": 18, "graph_optimization_level": "all"},
+    ),
+})
+
+
+def get_target(target: str | Target) -> Target:
+    """The Target for a name (or the Target itself); unknown names list the known ones."""
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        known = ", ".join(sorted(TARGETS))
+        raise TargetError(f"unknown target {target!r}; known targets: {known}")
+    return TARGETS[target]

@@ -1,0 +1,25 @@
+"""The pass registry: registry name (equal to the file name) -> pass class."""
+
+from __future__ import annotations
+
+from compiler.pass_base import Pass
+from passes.cleanup.eliminate_dead_code import EliminateDeadCode
+from passes.cleanup.fold_constants import FoldConstants
+from passes.cleanup.remove_noops import RemoveNoops
+from passes.fusion.fold_conv_bn import FoldConvBatchNorm
+from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
+from passes.fusion.mark_activation_fusion import MarkActivationFusion
+
+REGISTRY: dict[str, type[Pass]] = {
+    cls.name: cls
+    for cls in (
+        EliminateDeadCode,
+        FoldConstants,
+        RemoveNoops,
+        FoldConvBatchNorm,
+        FoldLinearBatchNorm,
+        MarkActivationFusion,
+    )
+}
+
+__all__ = ["REGISTRY"]

@@ -1,7 +1,9 @@
-"""Lowering the IR to ONNX with the maintained exporter (``torch.onnx.export``, dynamo path),
-then making the file traceable and valid: every node names its PyTorch module path, the IR
+"""Lowering the IR to ONNX with the maintained exporter (``torch.onnx.export``, dynamo path).
+
+Then making the file traceable and valid: every node names its PyTorch module path, the IR
 version is one the installed ONNX Runtime accepts, and the model passes ``onnx.checker`` (full
-check) and strict shape inference."""
+check) and strict shape inference.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from compiler import ir
+from compiler import ir, meta
 from compiler.capture import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError
 
@@ -138,7 +140,7 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     for prop in node.metadata_props:
         if prop.key == _SCOPES_KEY:
             with contextlib.suppress(ValueError, SyntaxError):
-                scopes = ast.literal_eval(prop.value)
+                scopes = [s for s in ast.literal_eval(prop.value) if not s.startswith(meta.PLACEHOLDER_SCOPE)]
                 return scopes[-2] if len(scopes) >= 2 else ""
     return None
 

@@ -1,8 +1,8 @@
 """fxpress: capture a PyTorch model, run verified passes with a per-pass ledger, lower to ONNX.
 
-    from compiler import compile
-    compiled = compile(model, target="cpu-fp32", example_inputs=(x,))
-    compiled(x); compiled.save("out/"); print(compiled.report)
+from compiler import compile
+compiled = compile(model, target="cpu-fp32", example_inputs=(x,))
+compiled(x); compiled.save("out/"); print(compiled.report)
 """
 
 from __future__ import annotations

@@ -62,7 +62,10 @@ def compile(  # noqa: A001 - the product's name for it
     ))
     _check_lowered(result, lowered.runner.run(result.inputs), lowered.info)
     manifest = build_manifest(result, output_names, lowered.info)
-    return CompiledModel(lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec)
+    return CompiledModel(
+        lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec,
+        result.captured.output_constants,
+    )
 
 
 def inspect(

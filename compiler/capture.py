@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from compiler import meta
+from compiler import meta, mutation
 from compiler.errors import CaptureError
 from compiler.tracing_errors import ModuleTracker, explain_failure
 
@@ -42,6 +42,7 @@ class Captured:
     input_names: tuple[str, ...]
     output_spec: pytree.TreeSpec
     dynamic_dims: DynamicDims
+    output_constants: dict[int, object] = field(default_factory=dict)  # flat position -> None, ...
     attempts: list[dict[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -93,6 +94,7 @@ def capture(
     started = time.perf_counter()
     attempts: list[dict[str, str]] = []
     errors: list[tuple[str, BaseException, str]] = []
+    versions = mutation.tensor_versions(model)
     for front_end, trace in _front_ends(dims):
         tracker = ModuleTracker(model)
         try:
@@ -103,6 +105,7 @@ def capture(
             errors.append((front_end, error, tracker.failed_path))
             logger.info("capture: %s failed: %s", front_end, _one_line(error))
             continue
+        mutation.refuse_changed_state(model, versions)
         captured = _finish(program, model, inputs, used_dims, front_end)
         attempts.append({"front_end": front_end, "error": ""})
         captured.attempts = attempts
@@ -157,8 +160,10 @@ def _front_ends(dims: DynamicDims):
 
 
 def _export(model: torch.nn.Module, inputs: tuple, dims: DynamicDims):
-    """Non-strict export with the requested dims dynamic; size-1 dims are widened to 2 first,
-    because export specialises dimensions of size 0 and 1."""
+    """Non-strict export with the requested dims dynamic.
+
+    Size-1 dims are widened to 2 first, because export specialises dimensions of size 0 and 1.
+    """
     trace_inputs = widen_inputs(inputs, dims)
     dynamic_shapes = tuple(
         {dim: Dim(name, min=low, max=high) if high else Dim(name, min=low)
@@ -196,9 +201,11 @@ def _widen(tensor: torch.Tensor, dims: dict[int, tuple]) -> torch.Tensor:
 
 
 def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captured:
-    _refuse_mutations(program)
+    mutation.refuse_state_writes(program)
+    program = mutation.functionalize_if_needed(program)
     gm = program.module()
-    gm.eval()
+    for submodule in gm.modules():  # the unlifted module refuses .eval(); set the flag itself
+        submodule.training = False
     output_spec = gm._out_spec
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -206,28 +213,23 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     gm.graph._codegen = fx.graph.CodeGen()
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    constants = _strip_constant_outputs(gm)
     _annotate_provenance(gm)
     gm.graph.lint()
     gm.recompile()
     input_names = tuple(node.name for node in gm.graph.nodes if node.op == "placeholder")
-    return Captured(gm, front_end, input_names, output_spec, _resolved_dims(program, dims))
+    return Captured(gm, front_end, input_names, output_spec, _resolved_dims(program, dims), constants)
 
 
-def _refuse_mutations(program: torch.export.ExportedProgram) -> None:
-    signature = program.graph_signature
-    if signature.user_inputs_to_mutate:
-        names = ", ".join(signature.user_inputs_to_mutate.values())
-        raise CaptureError(
-            f"the model mutates its input(s) {names} in place; ONNX cannot express that. "
-            "Work on a copy (x = x.clone()) or use the out-of-place op"
-        )
-    if signature.buffers_to_mutate:
-        names = ", ".join(signature.buffers_to_mutate.values())
-        raise CaptureError(
-            f"the model writes to buffer(s) {names} during forward; an inference graph cannot. "
-            "Remove the state update (e.g. a running counter) from forward",
-            module_path=next(iter(signature.buffers_to_mutate.values())).rpartition(".")[0],
-        )
+def _strip_constant_outputs(gm: fx.GraphModule) -> dict[int, object]:
+    """Leave only tensors in the graph's outputs; return the rest (``None`` in a dict, ...) by
+    flat position, so that the compiled model can put them back where the model returned them.
+    """
+    output = gm.graph.output_node()
+    flat = list(output.args[0])
+    constants = {index: value for index, value in enumerate(flat) if not isinstance(value, fx.Node)}
+    output.args = (tuple(value for value in flat if isinstance(value, fx.Node)),)
+    return constants
 
 
 def _annotate_provenance(gm: fx.GraphModule) -> None:

@@ -22,12 +22,14 @@ class CompiledModel:
         report: Ledger,
         manifest: dict,
         output_spec: pytree.TreeSpec,
+        output_constants: dict[int, object] | None = None,
     ):
         self._model = model
         self._runner = runner
         self.report = report
         self.manifest = manifest
         self._output_spec = output_spec
+        self._output_constants = dict(output_constants or {})
 
     @property
     def onnx(self) -> onnx.ModelProto:
@@ -41,8 +43,12 @@ class CompiledModel:
 
     def __call__(self, *inputs: torch.Tensor) -> object:
         """Run on torch tensors; return torch tensors in the structure the original returned."""
-        outputs = self._runner.run(tuple(inputs))
-        return pytree.tree_unflatten(list(outputs), self._output_spec)
+        tensors = iter(self._runner.run(tuple(inputs)))
+        flat = [
+            self._output_constants[index] if index in self._output_constants else next(tensors)
+            for index in range(self._output_spec.num_leaves)
+        ]
+        return pytree.tree_unflatten(flat, self._output_spec)
 
     def save(self, directory: str | Path, *, force: bool = False) -> Path:
         """Write ``model.onnx``, ``manifest.json``, ``report.json`` and ``report.txt`` atomically."""

@@ -28,11 +28,16 @@ ALL_KEYS = (
 )
 
 
+# torch.export's marker for nodes created outside any module call (e.g. symbolic size reads).
+PLACEHOLDER_SCOPE = "_empty_nn_module_stack"
+
+
 def module_path_from_stack(stack: dict | None) -> tuple[str, str]:
     """Return (innermost module path, its class name) from an ``nn_module_stack`` entry."""
-    if not stack:
+    entries = [value for key, value in (stack or {}).items() if not key.startswith(PLACEHOLDER_SCOPE)]
+    if not entries:
         return "", ""
-    path, class_name = list(stack.values())[-1]
+    path, class_name = entries[-1]
     if isinstance(class_name, type):
         class_name = class_name.__name__
     return str(path), str(class_name).rsplit(".", 1)[-1]

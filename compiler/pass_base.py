@@ -64,6 +64,7 @@ class Pass:
         """Check postconditions; raise PassError when the pass broke one."""
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Check preconditions, run, check postconditions."""
         self.requires(gm, ctx)
         result = self.call(gm, ctx)
         self.ensures(result.graph_module)

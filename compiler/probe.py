@@ -1,5 +1,8 @@
-"""Running the IR on the probe batch: per-node shapes, dtypes, MACs and parameter counts, and
-the numeric drift of outputs against a reference."""
+"""Running the IR on the probe batch.
+
+Records per-node shapes, dtypes, MACs and parameter counts, and measures the numeric drift of
+outputs against a reference.
+"""
 
 from __future__ import annotations
 

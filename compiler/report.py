@@ -1,5 +1,7 @@
-"""The ledger: one entry per pass (what changed, what it cost, what it did to the outputs),
-rendered as a readable table or as JSON."""
+"""The ledger: one entry per pass, rendered as a readable table or as JSON.
+
+Each entry says what the pass changed, what it cost, and what it did to the outputs.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import re
 import sysconfig
 import traceback
 
@@ -74,6 +75,18 @@ def user_source_line(error: BaseException) -> str | None:
                 code = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
                 best = f"{os.path.basename(frame.filename)}:{frame.lineno}: {code}"
         current = current.__cause__ or current.__context__
+    return best
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in \S+\n(?P<code>[^\n]*)')
+
+
+def source_line_from_stack_trace(stack_trace: str | None) -> str | None:
+    """``file:line: code`` of the innermost user frame in a node's ``stack_trace`` meta text."""
+    best = None
+    for match in _FRAME.finditer(stack_trace or ""):
+        if not match["file"].startswith(_LIBRARY_DIRS) and not match["file"].startswith("<"):
+            best = f"{os.path.basename(match['file'])}:{match['line']}: {match['code'].strip()}"
     return best
 
 

@@ -1,0 +1,1 @@
+"""Cleanup passes: no-op removal, constant folding, dead-code elimination."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from compiler import ir
+from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 
 
@@ -31,4 +32,4 @@ class EliminateDeadCode(Pass):
         """No pure node is left without users."""
         for node in gm.graph.nodes:
             if node.op in ("call_function", "get_attr") and not node.users and not node.is_impure():
-                raise AssertionError(f"dead node left behind: {ir.describe(node)}")
+                raise PassError(f"dead node left behind: {ir.describe(node)}")

@@ -1,8 +1,8 @@
-"""Constant folding: evaluate subgraphs that read only parameters and constants, once, at
-compile time, and replace each by a single tensor.
+"""Constant folding: evaluate parameter-only subgraphs once, at compile time.
 
-Correct because a deterministic pure function of constants has one value for every input; random
-and impure operators are never folded. A fold that would grow the stored tensors more than
+Each subgraph that reads only parameters and constants is replaced by a single tensor. Correct
+because a deterministic pure function of constants has one value for every input; random and
+impure operators are never folded. A fold that would grow the stored tensors more than
 ``max_growth`` times (an ``expand`` of a weight, say) is refused, since it trades a cheap op for
 model size.
 """
@@ -38,7 +38,8 @@ class FoldConstants(Pass):
                 refused[reason] += 1
         erased = ir.erase_unused(gm, [n for n in values if n.graph is gm.graph]) if folded else 0
         gm.recompile()
-        return PassResult(gm, folded > 0, {"folded": folded, "nodes_erased": erased, "refused": dict(refused)})
+        stats = {"folded": folded, "nodes_erased": erased, "refused": dict(refused)}
+        return PassResult(gm, folded > 0, stats)
 
     def check(self, node: fx.Node, values: dict[fx.Node, torch.Tensor]) -> str | None:
         """Why ``node`` is not folded, or None to fold it."""
@@ -48,7 +49,9 @@ class FoldConstants(Pass):
         if not isinstance(value, torch.Tensor):
             return "not a tensor"
         source_elements = sum(
-            values[n].numel() for n in _constant_leaves(node, values) if isinstance(values[n], torch.Tensor)
+            values[leaf].numel()
+            for leaf in _constant_leaves(node, values)
+            if isinstance(values[leaf], torch.Tensor)
         )
         if value.numel() > max(self.options["max_growth"] * source_elements, 1024):
             return "would grow stored tensors"

@@ -1,6 +1,8 @@
-"""No-op removal: dropout at inference, identities (alias, detach, clone, contiguous, same-dtype
-casts), reshapes and expands to the shape the tensor already has, slices that keep everything,
-arithmetic by 1 or 0, and permute/transpose pairs that cancel.
+"""No-op removal: bypass every node whose output equals its input.
+
+The no-ops: dropout at inference, identities (alias, detach, clone, contiguous, same-dtype casts),
+reshapes and expands to the shape the tensor already has, slices that keep everything, arithmetic
+by 1 or 0, and permute/transpose pairs that cancel.
 
 Correct because each removed node returns a tensor equal to its input (same shape, dtype and
 values); shapes are compared symbolically, so a reshape is removed only when it is a no-op for
@@ -24,7 +26,10 @@ _IDENTITIES = {
     aten.lift_fresh_copy.default,
 }
 _DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
-_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+_CASTS = {
+    aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+    aten.type_as.default,
+}
 _RESHAPES = {aten.reshape.default, aten.view.default, aten.expand.default, aten.flatten.using_ints,
              aten._unsafe_view.default}
 _NEUTRAL_SCALARS = {
@@ -51,7 +56,8 @@ class RemoveNoops(Pass):
             _erase_chain(gm, node)
             removed[kind] += 1
         gm.recompile()
-        return PassResult(gm, bool(removed), {"removed": sum(removed.values()), **dict(sorted(removed.items()))})
+        stats = {"removed": sum(removed.values()), **dict(sorted(removed.items()))}
+        return PassResult(gm, bool(removed), stats)
 
 
 def noop_input(node: fx.Node) -> tuple[fx.Node | None, str]:
@@ -59,15 +65,22 @@ def noop_input(node: fx.Node) -> tuple[fx.Node | None, str]:
     target, args = node.target, node.args
     if target in _DROPOUTS:
         training = args[2] if len(args) > 2 else node.kwargs.get("train", False)
-        return (args[0], "dropout") if training is False or args[1] == 0 else (None, "training dropout")
+        if training is False or args[1] == 0:
+            return args[0], "dropout"
+        return None, "training dropout"
     if target in _IDENTITIES and not node.kwargs.get("memory_format"):
         return args[0], "identity"
     if target in _CASTS or target in _RESHAPES:
-        return (args[0], _kind(target)) if _same_tensor_type(args[0], node) else (None, "changes type")
+        if _same_tensor_type(args[0], node):
+            return args[0], _kind(target)
+        return None, "changes shape or type"
     if target == aten.slice.Tensor:
         return (args[0], "slice") if _full_slice(node) else (None, "partial slice")
-    if target in _NEUTRAL_SCALARS and len(args) == 2 and _is_number(args[1], _NEUTRAL_SCALARS[target]):
-        return (args[0], "neutral arithmetic") if _same_tensor_type(args[0], node) else (None, "broadcasts")
+    neutral = _NEUTRAL_SCALARS.get(target)
+    if neutral is not None and len(args) == 2 and _is_number(args[1], neutral):
+        if _same_tensor_type(args[0], node):
+            return args[0], "neutral arithmetic"
+        return None, "changes type"
     if target in (aten.permute.default, aten.transpose.int):
         return _cancelling_pair(node)
     return None, "not a no-op"
@@ -113,7 +126,9 @@ def _cancelling_pair(node: fx.Node) -> tuple[fx.Node | None, str]:
         return None, "unknown permutation"
     first, second = _as_permutation(source, rank), _as_permutation(node, rank)
     composed = [first[index] for index in second]
-    return (source.args[0], "permute pair") if composed == list(range(rank)) else (None, "not inverse")
+    if composed != list(range(rank)):
+        return None, "not inverse"
+    return source.args[0], "permute pair"
 
 
 def _as_permutation(node: fx.Node, rank: int) -> list[int] | None:
@@ -126,7 +141,7 @@ def _as_permutation(node: fx.Node, rank: int) -> list[int] | None:
 
 
 def _erase_chain(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase ``node`` and any of its inputs the removal left without users (e.g. a first permute)."""
+    """Erase ``node`` and those of its inputs the removal left without users (a first permute)."""
     inputs = [n for n in node.all_input_nodes if n.op == "call_function"]
     gm.graph.erase_node(node)
     for input_node in inputs:

@@ -1,0 +1,1 @@
+"""Fusion passes: BatchNorm folding and activation fusion groups."""

@@ -1,5 +1,7 @@
-"""Shared mechanism of the BatchNorm folding passes: matching an inference BatchNorm and folding
-it into the affine operator (convolution or linear) that feeds it.
+"""Shared mechanism of the BatchNorm folding passes.
+
+It matches an inference BatchNorm and folds it into the affine operator (convolution or linear)
+that feeds it.
 
 An inference BatchNorm is ``y = (x - mean) * gamma / sqrt(var + eps) + beta``, per channel.
 With ``s = gamma / sqrt(var + eps)`` and ``x = W * u + b`` this is ``y = (s * W) * u +
@@ -21,6 +23,10 @@ from compiler import ir, meta
 from compiler.pass_base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
+
+_BATCH_NORMS = frozenset({
+    aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+})
 
 
 @dataclass
@@ -45,7 +51,8 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[BatchNormMatch 
     elif node.target == aten._native_batch_norm_legit_no_training.default:
         source, weight, bias, mean, var, _, eps = node.args[:7]
         getters = list(node.users)
-        if any(user.target is not operator.getitem or user.args[1] != 0 for user in getters) or len(getters) != 1:
+        only_output = all(user.target is operator.getitem and user.args[1] == 0 for user in getters)
+        if len(getters) != 1 or not only_output:
             return None, "BatchNorm statistics outputs are used"
         output, nodes = getters[0], [node, getters[0]]
     else:
@@ -53,6 +60,10 @@ def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[BatchNormMatch 
     tensors = [ir.tensor_of(gm, n) if n is not None else None for n in (weight, bias, mean, var)]
     if tensors[2] is None or tensors[3] is None:
         return None, "BatchNorm statistics are not constants"
+    # A computed gamma or beta (F.batch_norm(x, m, v, weight=g * 2)) must not be mistaken for an
+    # absent one: folding it as gamma = 1 or beta = 0 gives wrong outputs.
+    if any(n is not None and t is None for n, t in zip((weight, bias), tensors[:2], strict=True)):
+        return None, "BatchNorm weight or bias is not a constant"
     return _statistics(nodes, output, source, tensors, eps), ""
 
 
@@ -73,26 +84,39 @@ class FoldBatchNormPass(Pass):
         refused: Counter = Counter()
         folded, dead = 0, []
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or getattr(node, "_erased", False):
+            if not self._is_candidate(node):
                 continue
             match, reason = match_batch_norm(gm, node)
-            if match is None and reason == "not a BatchNorm":
-                continue
-            if match is not None and match.source.target in self.anchor_targets:
+            if match is not None:
                 reason = self.check(gm, match.source, match) or ""
-            elif match is not None:
-                continue  # a BatchNorm after some other op: not this pass's pattern
             if reason:
                 refused[reason] += 1
                 continue
             dead += self._fold(gm, match)
             folded += 1
-        erased = ir.erase_unused(gm, dead)
+        # Only a pass that folded may tidy the module: modified=False must leave it untouched.
+        erased = ir.erase_unused(gm, dead) if folded else 0
         gm.recompile()
-        return PassResult(gm, folded > 0, {"folded": folded, "nodes_erased": erased, "refused": dict(refused)})
+        stats = {"folded": folded, "nodes_erased": erased, "refused": dict(refused)}
+        return PassResult(gm, folded > 0, stats)
+
+    def _is_candidate(self, node: fx.Node) -> bool:
+        """True for a BatchNorm fed directly by one of this pass's anchors.
+
+        Other BatchNorms are not this pass's pattern, so their refusals do not belong in its stats.
+        """
+        if node.op != "call_function" or node.target not in _BATCH_NORMS or node._erased:
+            return False
+        source = node.args[0]
+        return isinstance(source, fx.Node) and source.target in self.anchor_targets
 
     def check(self, gm: fx.GraphModule, anchor: fx.Node, match: BatchNormMatch) -> str | None:
         """Why this BatchNorm cannot be folded into ``anchor``, or None."""
+        # Anchor-specific refusals first: they say why more precisely (a transposed conv's
+        # weight keeps its input channels on axis 0, so the channel check below would mislead).
+        anchor_reason = self.check_anchor(gm, anchor, match)
+        if anchor_reason:
+            return anchor_reason
         if len(anchor.users) != 1:
             return "anchor output has other users"
         weight = anchor.args[1]
@@ -105,9 +129,11 @@ class FoldBatchNormPass(Pass):
             return "anchor bias is not a constant of its own"
         if ir.tensor_of(gm, weight).shape[0] != match.scale.numel():
             return "BatchNorm channels do not match the anchor's outputs"
-        return self.check_anchor(gm, anchor, match)
+        return None
 
-    def check_anchor(self, gm: fx.GraphModule, anchor: fx.Node, match: BatchNormMatch) -> str | None:
+    def check_anchor(
+        self, gm: fx.GraphModule, anchor: fx.Node, match: BatchNormMatch
+    ) -> str | None:
         """Anchor-specific refusals; None accepts."""
         return None
 
@@ -117,7 +143,9 @@ class FoldBatchNormPass(Pass):
         weight = ir.tensor_of(gm, weight_node)
         shape = (-1,) + (1,) * (weight.dim() - 1)
         new_weight = (weight.to(torch.float64) * match.scale.reshape(shape)).to(weight.dtype)
-        old_bias = ir.tensor_of(gm, bias_node) if bias_node is not None else torch.zeros_like(match.mean)
+        old_bias = (
+            ir.tensor_of(gm, bias_node) if bias_node is not None else torch.zeros_like(match.mean)
+        )
         new_bias = (old_bias.to(torch.float64) * match.scale + match.shift).to(weight.dtype)
         ir.set_attribute(gm, weight_node.target, new_weight)
         if bias_node is not None:
@@ -136,7 +164,9 @@ def _bias_node(anchor: fx.Node) -> fx.Node | None:
     return bias if isinstance(bias, fx.Node) else None
 
 
-def _attach_bias(gm: fx.GraphModule, anchor: fx.Node, weight_node: fx.Node, bias: torch.Tensor) -> None:
+def _attach_bias(
+    gm: fx.GraphModule, anchor: fx.Node, weight_node: fx.Node, bias: torch.Tensor
+) -> None:
     prefix = weight_node.target.rpartition(".")[0]
     bias_node = ir.add_get_attr(gm, f"{prefix}.bias" if prefix else "bias", bias, before=anchor)
     bias_node.meta[meta.MODULE_PATH] = weight_node.meta.get(meta.MODULE_PATH, "")

@@ -1,5 +1,7 @@
-"""Linear + BatchNorm1d folding: the same algebra as conv folding, per output feature, valid
-only when the BatchNorm normalises the linear's feature dimension (a rank-2 output)."""
+"""Linear + BatchNorm1d folding: the same algebra as conv folding, per output feature.
+
+Valid only when the BatchNorm normalises the linear's feature dimension (a rank-2 output).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ class FoldLinearBatchNorm(FoldBatchNormPass):
     name = "fold_linear_bn"
     anchor_targets = frozenset({aten.linear.default})
 
-    def check_anchor(self, gm: fx.GraphModule, anchor: fx.Node, match: BatchNormMatch) -> str | None:
+    def check_anchor(
+        self, gm: fx.GraphModule, anchor: fx.Node, match: BatchNormMatch
+    ) -> str | None:
         """Refuse when BatchNorm's channel axis (1) is not the linear's feature axis (-1)."""
         value = anchor.meta.get(meta.VAL)
         if not isinstance(value, torch.Tensor) or value.dim() != 2:

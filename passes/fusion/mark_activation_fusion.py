@@ -28,9 +28,11 @@ ANCHORS = frozenset({
 
 _ACTIVATIONS = {
     aten.relu.default: "relu", aten.relu_.default: "relu", aten.silu.default: "silu",
+    # F.relu6 is captured as aten.relu6, nn.ReLU6 as hardtanh(x, 0, 6): both are relu6.
+    aten.relu6.default: "relu6", aten.relu6_.default: "relu6",
     aten.silu_.default: "silu", aten.gelu.default: "gelu", aten.hardswish.default: "hardswish",
-    aten.hardswish_.default: "hardswish", aten.hardtanh.default: "clip", aten.hardtanh_.default: "clip",
-    aten.clamp.default: "clip",
+    aten.hardswish_.default: "hardswish", aten.hardtanh.default: "clip",
+    aten.hardtanh_.default: "clip", aten.clamp.default: "clip",
 }
 
 
@@ -38,11 +40,21 @@ def activation_kind(node: fx.Node) -> str | None:
     """``relu``, ``relu6``, ``clip``, ``silu``, ``gelu`` or ``hardswish``; None if not one."""
     kind = _ACTIVATIONS.get(node.target) if node.op == "call_function" else None
     if kind == "clip":
-        low, high = (list(node.args[1:3]) + [None, None])[:2]
-        if node.target in (aten.hardtanh.default, aten.hardtanh_.default) and len(node.args) < 3:
-            low, high = (low if low is not None else -1.0), (high if high is not None else 1.0)
-        return "relu6" if (low, high) == (0, 6) else "clip"
+        return "relu6" if _clip_bounds(node) == (0, 6) else "clip"
     return kind
+
+
+def _clip_bounds(node: fx.Node) -> tuple[object, object]:
+    """(low, high) of a hardtanh or clamp, from positional or keyword arguments."""
+    if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
+        names, defaults = ("min_val", "max_val"), (-1.0, 1.0)
+    else:
+        names, defaults = ("min", "max"), (None, None)
+    positional = list(node.args[1:3])
+    return tuple(
+        positional[index] if index < len(positional) else node.kwargs.get(name, default)
+        for index, (name, default) in enumerate(zip(names, defaults, strict=True))
+    )
 
 
 class MarkActivationFusion(Pass):
@@ -82,7 +94,11 @@ class MarkActivationFusion(Pass):
     def ensures(self, gm: fx.GraphModule) -> None:
         """Every marked activation belongs to a marked anchor that feeds it directly."""
         for node in gm.graph.nodes:
-            if node.meta.get(meta.FUSION_ROLE) == "activation":
-                anchor = node.args[0]
-                if not isinstance(anchor, fx.Node) or anchor.meta.get(meta.FUSION_GROUP) != node.meta[meta.FUSION_GROUP]:
-                    raise PassError(f"activation {node.name} is marked but its input is not its anchor")
+            if node.meta.get(meta.FUSION_ROLE) != "activation":
+                continue
+            anchor = node.args[0]
+            group = node.meta[meta.FUSION_GROUP]
+            if not isinstance(anchor, fx.Node) or anchor.meta.get(meta.FUSION_GROUP) != group:
+                raise PassError(
+                    f"activation {node.name} is marked but its input is not its anchor {group}"
+                )

@@ -1,0 +1,1 @@
+"""Benchmark scripts: side by side, in one process, as ratios."""

@@ -23,6 +23,7 @@ from torch.export import Dim
 from compiler import ir, meta
 from compiler.capture import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError
+from compiler.quiet import quiet_torch
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _run_exporter(request: ExportRequest):
     dynamic_shapes = _dynamic_shapes(dims, len(arguments))
     quiet = io.StringIO()
     try:
-        with _quiet_exporter(), contextlib.redirect_stdout(quiet):
+        with quiet_torch(), contextlib.redirect_stdout(quiet):
             return torch.onnx.export(
                 request.graph_module, arguments, dynamo=True, opset_version=request.opset,
                 input_names=list(request.input_names), output_names=list(request.output_names),
@@ -89,25 +90,12 @@ def _dynamic_shapes(dims: DynamicDims, count: int) -> tuple:
     return tuple(shapes)
 
 
-@contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs a warning per missing optional package (torchvision); keep our logs clean."""
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir")
-    previous = [logging.getLogger(name).level for name in names]
-    for name in names:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for name, level in zip(names, previous, strict=True):
-            logging.getLogger(name).setLevel(level)
-
-
 def unsupported_operators(gm: fx.GraphModule, opset: int) -> list[tuple[str, str]]:
     """(operator, module path) of every node with neither an ONNX translation nor a decomposition."""
     from torch.onnx._internal.exporter._registration import ONNXRegistry
 
-    registry = ONNXRegistry.from_torchlib(opset)
+    with quiet_torch():
+        registry = ONNXRegistry.from_torchlib(opset)
     decompositions = torch.export.default_decompositions()
     found = []
     for node in ir.call_nodes(gm):

@@ -25,6 +25,7 @@ from torch.export import Dim
 
 from compiler import meta, mutation
 from compiler.errors import CaptureError
+from compiler.quiet import quiet_torch
 from compiler.tracing_errors import ModuleTracker, explain_failure
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def capture(
     for front_end, trace in _front_ends(dims):
         tracker = ModuleTracker(model)
         try:
-            with tracker:
+            with tracker, quiet_torch():
                 program, used_dims = trace(model, inputs)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the next is tried
             attempts.append({"front_end": front_end, "error": _one_line(error)})
@@ -128,11 +129,15 @@ def check_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Non
             "call model.eval() before compiling",
             module_path=training[0],
         )
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    tensors = [("parameter", *item) for item in model.named_parameters()]
+    tensors += [("buffer", *item) for item in model.named_buffers()]
+    for kind, name, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            owner = name.rpartition(".")[0]
             raise CaptureError(
-                f"parameter {name!r} holds NaN or Inf values; fix or re-train the model",
-                module_path=name.rpartition(".")[0],
+                f"{kind} {name!r} of module {owner or '<root>'!r} holds NaN or Inf values; "
+                "fix or re-train the model",
+                module_path=owner,
             )
     for index, tensor in enumerate(inputs):
         if tensor.dim() >= 1 and tensor.shape[0] == 0:
@@ -206,7 +211,7 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     gm = program.module()
     for submodule in gm.modules():  # the unlifted module refuses .eval(); set the flag itself
         submodule.training = False
-    output_spec = gm._out_spec
+    output_spec = plain_containers(gm._out_spec)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -219,6 +224,22 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     gm.recompile()
     input_names = tuple(node.name for node in gm.graph.nodes if node.op == "placeholder")
     return Captured(gm, front_end, input_names, output_spec, _resolved_dims(program, dims), constants)
+
+
+def plain_containers(spec: pytree.TreeSpec) -> pytree.TreeSpec:
+    """``spec`` with torch.fx's immutable dicts and lists (symbolic tracing returns them) made
+    plain again, so a compiled model returns the containers the original model returned."""
+    return pytree.tree_structure(_thaw(pytree.tree_unflatten(list(range(spec.num_leaves)), spec)))
+
+
+def _thaw(value: object) -> object:
+    if isinstance(value, fx.immutable_collections.immutable_dict) or type(value) is dict:
+        return {key: _thaw(item) for key, item in value.items()}
+    if isinstance(value, fx.immutable_collections.immutable_list) or type(value) is list:
+        return [_thaw(item) for item in value]
+    if type(value) is tuple:
+        return tuple(_thaw(item) for item in value)
+    return value
 
 
 def _strip_constant_outputs(gm: fx.GraphModule) -> dict[int, object]:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -45,6 +46,9 @@ def _fail(ctx: click.Context, message: str, code: int, error: BaseException | No
 def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     """fxpress: compile PyTorch models into fast, verified ONNX, and see what every pass did."""
     ctx.obj = {"debug": debug}
+    if verbose == 0:  # torch and onnxscript deprecation chatter is not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 

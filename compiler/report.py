@@ -110,7 +110,7 @@ def _entry_row(index: int, entry: LedgerEntry) -> list[str]:
     delta = " ".join(f"{op.split('.')[-1]}{count:+d}" for op, count in entry.op_delta.items())
     return [
         str(index), entry.name, "yes" if entry.modified else "no", f"{entry.seconds * 1000:.0f}",
-        stats[:48], delta[:40], _change(entry.params_before, entry.params_after),
+        stats[:72], delta[:48], _change(entry.params_before, entry.params_after),
         _change(entry.macs_before, entry.macs_after), f"{entry.drift['max_abs']:.1e}",
         f"{entry.drift['cosine']:.6f}",
     ]

@@ -227,8 +227,10 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
 
 
 def plain_containers(spec: pytree.TreeSpec) -> pytree.TreeSpec:
-    """``spec`` with torch.fx's immutable dicts and lists (symbolic tracing returns them) made
-    plain again, so a compiled model returns the containers the original model returned."""
+    """``spec`` with torch.fx's immutable dicts and lists made plain again.
+
+    Symbolic tracing returns immutable containers; the compiled model returns the original's.
+    """
     return pytree.tree_structure(_thaw(pytree.tree_unflatten(list(range(spec.num_leaves)), spec)))
 
 
@@ -243,8 +245,9 @@ def _thaw(value: object) -> object:
 
 
 def _strip_constant_outputs(gm: fx.GraphModule) -> dict[int, object]:
-    """Leave only tensors in the graph's outputs; return the rest (``None`` in a dict, ...) by
-    flat position, so that the compiled model can put them back where the model returned them.
+    """Leave only tensors in the graph's outputs; return the rest (``None``, ...) by flat position.
+
+    The compiled model puts them back where the model returned them.
     """
     output = gm.graph.output_node()
     flat = list(output.args[0])

@@ -252,5 +252,34 @@ def tensor_of(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
 
 
 def is_shared(node: fx.Node) -> bool:
-    """True when a ``get_attr`` node's tensor is read by more than one node."""
-    return len(node.users) > 1
+    """True when a ``get_attr`` node's tensor is read by more than one node.
+
+    Counts the users of every ``get_attr`` node reading the same target, or the same tensor under
+    another name (tied weights).
+    """
+    gm = node.graph.owning_module
+    tensor = tensor_of(gm, node)
+    readers = [
+        other for other in node.graph.nodes
+        if other.op == "get_attr" and (other.target == node.target or tensor_of(gm, other) is tensor)
+    ]
+    return sum(len(reader.users) for reader in readers) > 1
+
+
+def node_records(gm: fx.GraphModule) -> list[dict[str, object]]:
+    """One JSON-able record per operator node: op, module path, shape, dtype, params, MACs.
+
+    Shapes and MACs come from the last probe run (``compiler.probe.run_annotated``).
+    """
+    return [
+        {
+            "name": node.name,
+            "op": op_name(node),
+            "module_path": module_path(node),
+            "shape": list(node.meta[meta.SHAPE]) if node.meta.get(meta.SHAPE) is not None else None,
+            "dtype": node.meta.get(meta.DTYPE),
+            "params": node.meta.get(meta.PARAMS, 0),
+            "macs": node.meta.get(meta.MACS, 0),
+        }
+        for node in call_nodes(gm)
+    ]

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MODULE_PATH_KEY = "fxpress.module_path"  # ONNX node metadata_props key
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 @dataclass
@@ -118,10 +119,19 @@ def annotate_provenance(model: onnx.ModelProto) -> None:
     _fill_gaps(nodes, paths)
     used: set[str] = set()
     for node, path in zip(nodes, paths, strict=True):
+        _drop_stack_trace(node)
         entry = node.metadata_props.add()
         entry.key, entry.value = MODULE_PATH_KEY, path
         name = f"{path or 'root'}/{node.name or node.op_type}"
         node.name = _unique(name, used)
+
+
+def _drop_stack_trace(node: onnx.NodeProto) -> None:
+    """Stack traces hold this machine's file paths: they would leak into deployments and make
+    artifacts differ between machines. The module path says where a node came from."""
+    kept = [prop for prop in node.metadata_props if prop.key != _STACK_TRACE_KEY]
+    del node.metadata_props[:]
+    node.metadata_props.extend(kept)
 
 
 def _module_path(node: onnx.NodeProto) -> str | None:

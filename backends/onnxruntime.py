@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from backends.onnx_export import ExportRequest, export_onnx
+from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
 from compiler.backend_base import Backend, Lowered, LoweringRequest
-from compiler.errors import TargetError, UsageError
+from compiler.errors import ArtifactError, TargetError, UsageError
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -67,6 +67,15 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0}
+    minimum_opset = 17  # LayerNormalization, and the exporter's torchlib, need 17
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options["opset"] < self.minimum_opset:
+            raise TargetError(
+                f"opset {self.options['opset']} is below {self.minimum_opset}, the lowest the {self.name} backend "
+                "supports; raise backend_options['opset']"
+            )
 
     def lower(self, request: LoweringRequest) -> Lowered:
         """Export to ONNX, validate, and open a session."""
@@ -85,7 +94,13 @@ class OnnxRuntimeBackend(Backend):
         return Lowered(model, runner, info)
 
     def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:
-        """A runner for an ONNX model."""
+        """A runner for an ONNX model; refuses IR versions newer than the runtime reads."""
+        version = model.ir_version if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model).ir_version
+        if version > max_runtime_ir_version():
+            raise ArtifactError(
+                f"the model has ONNX IR version {version}, newer than onnxruntime {ort.__version__} reads "
+                f"({max_runtime_ir_version()}); upgrade onnxruntime or recompile with this one"
+            )
         session = make_session(model, self.options["graph_optimization_level"], self.options["intra_op_num_threads"])
         return OnnxRuntimeRunner(session)
 

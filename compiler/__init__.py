@@ -7,13 +7,14 @@ compiled(x); compiled.save("out/"); print(compiled.report)
 
 from __future__ import annotations
 
-from compiler.api import compile, inspect
+from compiler.api import compile, inspect, load
 from compiler.compiled import CompiledModel
 from compiler.errors import (
     AccuracyError,
     ArtifactError,
     CalibrationDataError,
     CaptureError,
+    FallbackError,
     FxpressError,
     LoweringError,
     PassError,
@@ -27,7 +28,7 @@ from compiler.targets import TARGETS, PassSpec, Target, Tolerance
 
 __all__ = [
     "TARGETS", "AccuracyError", "ArtifactError", "CalibrationDataError", "CaptureError",
-    "CompiledModel", "FxpressError", "Ledger", "LedgerEntry", "LoweringError", "PassError",
+    "CompiledModel", "FallbackError", "FxpressError", "Ledger", "LedgerEntry", "LoweringError", "PassError",
     "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",
-    "VerificationError", "compile", "inspect",
+    "VerificationError", "compile", "inspect", "load",
 ]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.utils._pytree as pytree
 
 from compiler import probe
-from compiler.artifact import package_versions
+from compiler.artifact import REPORT_JSON, read_manifest, read_model
 from compiler.backend_base import LoweringRequest
 from compiler.capture import DynamicDims
 from compiler.compiled import CompiledModel
-from compiler.errors import AccuracyError, TargetError
+from compiler.errors import AccuracyError, ArtifactError, FallbackError, TargetError
+from compiler.manifest import build_manifest
 from compiler.pipeline import PipelineResult, registry, run_pipeline
 from compiler.report import Ledger
 from compiler.targets import Target
@@ -30,6 +34,8 @@ def compile(  # noqa: A001 - the product's name for it
     dynamic_dims: DynamicDims | None = None,
     verify: bool = True,
     model_name: str | None = None,
+    strict: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -43,14 +49,19 @@ def compile(  # noqa: A001 - the product's name for it
             integer rank-2 inputs.
         verify: check the graph after every pass (on by default).
         model_name: the name used in the ledger.
+        strict: raise FallbackError if the ledger records any fallback.
+        progress: called with a step name as each step (capture, every pass, lowering) finishes.
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
-        dynamic_dims=dynamic_dims, verify=verify, model_name=model_name,
+        dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress,
     )
+    fallbacks = result.ledger.fallbacks
+    if strict and fallbacks:
+        raise FallbackError(f"strict mode: {len(fallbacks)} fallback(s) recorded: " + "; ".join(fallbacks))
     backends = registry("backends")
     if result.target.backend not in backends:
         raise TargetError(f"target {result.target.name!r} names unknown backend {result.target.backend!r}")
@@ -61,7 +72,9 @@ def compile(  # noqa: A001 - the product's name for it
         result.captured.dynamic_dims,
     ))
     _check_lowered(result, lowered.runner.run(result.inputs), lowered.info)
-    manifest = build_manifest(result, output_names, lowered.info)
+    if progress is not None:
+        progress("lower")
+    manifest = build_manifest(result, output_names, lowered.info, calibration_data)
     return CompiledModel(
         lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec,
         result.captured.output_constants,
@@ -102,30 +115,25 @@ def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], in
         )
 
 
-def build_manifest(result: PipelineResult, output_names: tuple[str, ...], info: dict) -> dict:
-    """What a deployment needs to know about the artifact (no timestamps: it must be reproducible)."""
-    captured = result.captured
-    inputs = [
-        {
-            "name": name,
-            "dtype": str(tensor.dtype).removeprefix("torch."),
-            "shape": list(tensor.shape),
-            "dynamic_dims": {str(dim): list(spec) for dim, spec in captured.dynamic_dims.get(index, {}).items()},
-        }
-        for index, (name, tensor) in enumerate(zip(captured.input_names, result.inputs, strict=True))
-    ]
-    outputs = [
-        {"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
-        for name, tensor in zip(output_names, result.reference, strict=True)
-    ]
-    return {
-        "format": "fxpress-artifact/1",
-        "versions": package_versions(),
-        "target": result.target.to_dict(),
-        "front_end": captured.front_end,
-        "inputs": inputs,
-        "outputs": outputs,
-        "output_structure": pytree.treespec_dumps(captured.output_spec),
-        "opset": info.get("opset"),
-        "ir_version": info.get("ir_version"),
-    }
+def load(directory: str | Path) -> CompiledModel:
+    """A compiled model from an artifact directory alone: no PyTorch model class, no unpickling.
+
+    Raises:
+        ArtifactError: not an artifact, a file changed or truncated (SHA-256 mismatch), an
+            external-data path outside the directory, or a model the runtime cannot load.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    model = read_model(directory, manifest)
+    target = manifest.get("target", {})
+    backends = registry("backends")
+    if target.get("backend") not in backends:
+        raise ArtifactError(f"{directory}: unknown backend {target.get('backend')!r} in the manifest")
+    backend = backends[target["backend"]](**target.get("backend_options", {}))
+    runner = backend.load(model)
+    report_path = directory / REPORT_JSON
+    report = Ledger.from_dict(json.loads(report_path.read_text())) if report_path.is_file() else Ledger(
+        model=manifest.get("model", ""), target=target.get("name", ""))
+    output_spec = pytree.treespec_loads(manifest["output_structure"])
+    constants = {int(index): value for index, value in manifest.get("output_constants", {}).items()}
+    return CompiledModel(model, runner, report, manifest, output_spec, constants)

@@ -1,7 +1,10 @@
 """The artifact directory: ``model.onnx``, ``manifest.json``, ``report.json``, ``report.txt``.
 
-Written into a temporary directory beside the destination and renamed into place, so an
-interrupted write leaves any previous artifact whole.
+Writing goes into a staging directory beside the destination, renamed into place at the end, so
+an interrupted write leaves any previous artifact whole. A process killed outright (SIGKILL)
+cannot clean up after itself: its staging directory (``.NAME.partial-PID-...``) is removed by the
+next fxpress write beside it. Reading checks the SHA-256 of every model file against the
+manifest and never unpickles anything.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -20,58 +22,158 @@ from compiler.errors import ArtifactError
 from compiler.report import Ledger
 
 MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of fxpress and the libraries that shape the artifact."""
-    versions = {}
-    for name in ("fxpress", "torch", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
+REPORT_JSON = "report.json"
+REPORT_TEXT = "report.txt"
+FORMAT = "fxpress-artifact/1"
+# protobuf cannot serialise a message of 2 GiB or more: larger models keep weights beside it.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
 
 def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, report: Ledger, *, force: bool) -> Path:
     """Write the artifact atomically; refuse an existing non-empty destination unless ``force``."""
-    directory = directory.resolve()
-    if directory.exists() and not directory.is_dir():
-        raise ArtifactError(f"{directory} exists and is not a directory")
-    if directory.exists() and any(directory.iterdir()) and not force:
-        raise ArtifactError(f"{directory} already exists; pass force=True (--force) to replace it")
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    except OSError as error:
-        raise ArtifactError(f"cannot write to {directory.parent}: {error.strerror}") from error
+    directory = Path(os.path.abspath(directory))
+    _check_destination(directory, force)
+    _remove_stale_staging(directory)
+    staging = _make_staging(directory)
     try:
         _write_files(staging, model, manifest, report)
-        _swap_into_place(staging, directory)
+        _swap_into_place(staging, directory, force)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
 
 
+def _check_destination(directory: Path, force: bool) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ArtifactError(f"{directory} exists and is not a directory; choose another output path")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise ArtifactError(f"{directory} already exists; pass --force (force=True) to replace it")
+
+
+def _make_staging(directory: Path) -> Path:
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=directory.parent))
+    except OSError as error:
+        message = f"cannot write into {directory.parent}: {error.strerror}; choose a writable path"
+        raise ArtifactError(message) from error
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Delete staging directories beside ``directory`` whose writing process no longer exists."""
+    if not directory.parent.is_dir():
+        return
+    for candidate in directory.parent.glob(f".{directory.name}.partial-*"):
+        pid_text = candidate.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: Ledger) -> None:
-    data = model.SerializeToString()
-    (staging / MODEL_FILE).write_bytes(data)
-    manifest = {**manifest, "model_sha256": hashlib.sha256(data).hexdigest()}
+    external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        model, str(staging / MODEL_FILE), save_as_external_data=external,
+        all_tensors_to_one_file=True, location=DATA_FILE,
+    )
+    files = [MODEL_FILE] + ([DATA_FILE] if external else [])
+    manifest = {**manifest, "files": {name: sha256_of(staging / name) for name in files}}
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (staging / "report.json").write_text(report.to_json() + "\n")
-    (staging / "report.txt").write_text(str(report) + "\n")
+    (staging / REPORT_JSON).write_text(report.to_json() + "\n")
+    (staging / REPORT_TEXT).write_text(str(report) + "\n")
     for path in staging.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
 
 
-def _swap_into_place(staging: Path, directory: Path) -> None:
+def _swap_into_place(staging: Path, directory: Path, force: bool) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
     if not directory.exists():
-        os.replace(staging, directory)
+        try:
+            os.rename(staging, directory)
+        except OSError as error:
+            message = f"{directory} appeared while writing (another compile?); nothing was replaced"
+            raise ArtifactError(message) from error
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    os.replace(directory, retired / "artifact")
-    os.replace(staging, directory)
+    if not force:
+        raise ArtifactError(f"{directory} appeared while writing (another compile?); pass --force to replace it")
+    retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-old-", dir=directory.parent))
+    os.rename(directory, retired / "artifact")
+    os.rename(staging, directory)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of an artifact directory, refusing anything that is not one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is not an artifact directory (expected {MANIFEST_FILE} and {MODEL_FILE})")
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except FileNotFoundError as error:
+        raise ArtifactError(f"{directory} has no {MANIFEST_FILE}; it was not written by fxpress") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{directory / MANIFEST_FILE} is not an {FORMAT} manifest")
+    return manifest
+
+
+def read_model(directory: Path, manifest: dict) -> onnx.ModelProto:
+    """Load ``model.onnx`` after checking every file's SHA-256 and every external-data path."""
+    directory = Path(directory)
+    for name, expected in sorted(manifest.get("files", {}).items()):
+        path = _inside(directory, name)
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; the artifact is incomplete")
+        if sha256_of(path) != expected:
+            raise ArtifactError(f"{path} does not match the SHA-256 in the manifest: it was changed or truncated")
+    if MODEL_FILE not in manifest.get("files", {}):
+        raise ArtifactError(f"the manifest in {directory} lists no {MODEL_FILE} checksum; refusing an unverified model")
+    try:
+        model = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf raises several types for bad bytes
+        raise ArtifactError(f"{directory / MODEL_FILE} is not a readable ONNX model: {error}") from error
+    _check_external_paths(directory, model)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(directory))
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"cannot read the external weights of {directory / MODEL_FILE}: {error}") from error
+    return model
+
+
+def _inside(directory: Path, name: str) -> Path:
+    path = (directory / name).resolve()
+    if directory.resolve() not in path.parents:
+        raise ArtifactError(f"artifact file {name!r} points outside {directory}; refusing it")
+    return path
+
+
+def _check_external_paths(directory: Path, model: onnx.ModelProto) -> None:
+    # onnx has no public iterator over every tensor (initializers and attributes); this one is stable.
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
+            _inside(directory, location)

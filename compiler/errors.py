@@ -58,6 +58,12 @@ class ArtifactError(FxpressError):
     exit_code = 7
 
 
+class FallbackError(FxpressError):
+    """In strict mode: the ledger recorded a fallback (a layer left unoptimised, static shapes, ...)."""
+
+    exit_code = 8
+
+
 class PassError(FxpressError):
     """A pass refused its input (a precondition failed) or broke a postcondition."""
 

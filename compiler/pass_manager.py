@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class PassManager:
         verify: run the checks after every pass (default on).
         dump_dir: if set, write the IR after capture and after each pass as ``NN_<pass>.txt``.
         tolerance: what "exact" means for outputs on the probe batch.
+        progress: called with each pass's name when it finishes (for progress bars).
     """
 
     def __init__(
@@ -44,11 +45,13 @@ class PassManager:
         verify: bool = True,
         dump_dir: str | Path | None = None,
         tolerance: Tolerance = EXACT_TOLERANCE,
+        progress: Callable[[str], None] | None = None,
     ):
         self.passes = list(passes)
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.tolerance = tolerance
+        self.progress = progress
 
     def run(
         self,
@@ -90,6 +93,8 @@ class PassManager:
         logger.info("pass %s: modified=%s %s in %.3f s", pass_.name, result.modified, result.stats, seconds)
         logger.debug("graph after %s:\n%s", pass_.name, ir.graph_text(gm))
         self._dump(index, pass_.name, gm)
+        if self.progress is not None:
+            self.progress(pass_.name)
         return gm
 
     def _call(self, pass_: Pass, gm, ctx, ledger) -> PassResult:

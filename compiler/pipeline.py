@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,7 @@ def run_pipeline(
     dynamic_dims: DynamicDims | None = None,
     verify: bool = True,
     model_name: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> PipelineResult:
     """Capture ``model`` and run the target's passes with verification and a ledger."""
     target = get_target(target)
@@ -93,12 +95,15 @@ def run_pipeline(
     check_model(model, inputs)
     reference = eager_reference(model, inputs)
     captured = capture(model, inputs, dynamic_dims)
+    if progress is not None:
+        progress("capture")
     ledger = Ledger(model=model_name or type(model).__name__, target=target.name, capture=_capture_record(captured))
     ledger.fallbacks.extend(captured.fallbacks)
     if calibration_data is not None and not any(p.name.startswith("calibrate") for p in passes):
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
     context = PassContext(inputs, inputs, calibration_data, target.name)
-    gm = PassManager(passes, verify=verify, dump_dir=dump_dir).run(captured.graph_module, context, reference, ledger)
+    manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
+    gm = manager.run(captured.graph_module, context, reference, ledger)
     return PipelineResult(gm, captured, target, ledger, inputs, reference)
 
 

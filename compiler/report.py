@@ -69,6 +69,15 @@ class Ledger:
             "fallbacks": list(self.fallbacks),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Ledger:
+        """Rebuild a ledger from :meth:`to_dict` output (as stored in ``report.json``)."""
+        return cls(
+            model=data.get("model", ""), target=data.get("target", ""), capture=data.get("capture", {}),
+            initial=data.get("initial", {}), entries=[LedgerEntry(**entry) for entry in data.get("passes", [])],
+            lowering=data.get("lowering", {}), fallbacks=list(data.get("fallbacks", [])),
+        )
+
     def to_json(self) -> str:
         """Indented JSON text."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)

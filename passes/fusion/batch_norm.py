@@ -91,6 +91,7 @@ class FoldBatchNormPass(Pass):
                 reason = self.check(gm, match.source, match) or ""
             if reason:
                 refused[reason] += 1
+                ctx.fallbacks.append(f"{self.name}: BatchNorm {ir.describe(node)} left unfolded: {reason}")
                 continue
             dead += self._fold(gm, match)
             folded += 1

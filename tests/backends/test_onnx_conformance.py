@@ -174,7 +174,7 @@ def test_save_writes_the_artifact(case, tmp_path):
     assert data == compiled.onnx.SerializeToString()
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["model_sha256"] == hashlib.sha256(data).hexdigest()
+    assert manifest["files"]["model.onnx"] == hashlib.sha256(data).hexdigest()
     assert manifest["target"]["name"] == "cpu-fp32"
     assert manifest["inputs"][0]["dynamic_dims"] == {"0": ["batch", 1, None]}
     report = json.loads((directory / "report.json").read_text())

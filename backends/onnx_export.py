@@ -128,7 +128,8 @@ def annotate_provenance(model: onnx.ModelProto) -> None:
 
 def _drop_stack_trace(node: onnx.NodeProto) -> None:
     """Stack traces hold this machine's file paths: they would leak into deployments and make
-    artifacts differ between machines. The module path says where a node came from."""
+    artifacts differ between machines. The module path says where a node came from.
+    """
     kept = [prop for prop in node.metadata_props if prop.key != _STACK_TRACE_KEY]
     del node.metadata_props[:]
     node.metadata_props.extend(kept)

@@ -34,7 +34,7 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, report: Ledger, *, force: bool) -> Path:
     """Write the artifact atomically; refuse an existing non-empty destination unless ``force``."""
     directory = Path(os.path.abspath(directory))
-    _check_destination(directory, force)
+    check_destination(directory, force)
     _remove_stale_staging(directory)
     staging = _make_staging(directory)
     try:
@@ -46,7 +46,8 @@ def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, repo
     return directory
 
 
-def _check_destination(directory: Path, force: bool) -> None:
+def check_destination(directory: Path, force: bool) -> None:
+    """Refuse a destination that is a file, or an existing non-empty directory without ``force``."""
     if directory.exists() and not directory.is_dir():
         raise ArtifactError(f"{directory} exists and is not a directory; choose another output path")
     if directory.is_dir() and any(directory.iterdir()) and not force:

@@ -1,7 +1,13 @@
-"""The ``fxpress`` command."""
+"""The ``fxpress`` command: compile, inspect, bench, verify, targets, zoo.
+
+Exit codes: 0 success; 2 usage error (unknown target, bad option, missing file); 3 capture
+failure; 4 unsupported operator; 5 calibration data error; 6 accuracy beyond tolerance; 7
+artifact I/O error; 8 a fallback in --strict mode; 70 internal error; 130 interrupted.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -10,10 +16,11 @@ import warnings
 
 import click
 
-from compiler.errors import FxpressError
+from compiler.errors import AccuracyError, FxpressError
 from compiler.targets import TARGETS
 
 INTERNAL_ERROR = 70
+INTERRUPTED = 130
 
 
 class _Group(click.Group):
@@ -27,24 +34,28 @@ class _Group(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
-            _fail(ctx, "interrupted", 130, None)
+            _fail(ctx, "interrupted; nothing was written", INTERRUPTED, None)
         except Exception as error:  # noqa: BLE001 - anything else is our bug: say so, exit 70
-            _fail(ctx, f"internal error: {type(error).__name__}: {error}", INTERNAL_ERROR, error)
+            _fail(ctx, f"internal error: {type(error).__name__}: {error} (rerun with --debug)", INTERNAL_ERROR, error)
 
 
 def _fail(ctx: click.Context, message: str, code: int, error: BaseException | None) -> None:
     if error is not None and (ctx.obj or {}).get("debug"):
         traceback.print_exception(error)
-    click.echo(f"fxpress: error: {message}", err=True)
+    click.echo(f"fxpress: error: {' '.join(message.split())}", err=True)
     ctx.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.option("-v", "--verbose", count=True, help="Log one line per pass (-v) or the graphs (-vv).")
 @click.pass_context
 def main(ctx: click.Context, debug: bool, verbose: int) -> None:
-    """fxpress: compile PyTorch models into fast, verified ONNX, and see what every pass did."""
+    """fxpress: compile PyTorch models into fast, verified ONNX, and see what every pass did.
+
+    Exit codes: 2 usage, 3 capture, 4 unsupported operator, 5 calibration data, 6 accuracy,
+    7 artifact I/O, 8 fallback under --strict, 70 internal error.
+    """
     ctx.obj = {"debug": debug}
     if verbose == 0:  # torch and onnxscript deprecation chatter is not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -53,8 +64,23 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-_TARGET = click.option("--target", "-t", default="cpu-fp32", show_default=True,
-                       help=f"Target: {', '.join(TARGETS)}.")
+_TARGET = click.option("--target", "-t", default="cpu-fp32", show_default=True, help=f"Target: {', '.join(TARGETS)}.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+
+
+@contextlib.contextmanager
+def _progress(total: int, description: str):
+    """A tqdm bar on stderr when it is a terminal; nothing otherwise."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=description, disable=None, file=sys.stderr, leave=False) as bar:
+        yield lambda *_: bar.update(1)
+
+
+def _target_steps(target: str) -> int:
+    from compiler.targets import get_target
+
+    return len(get_target(target).pipeline) + 2  # capture, passes, lowering
 
 
 @main.command("compile")
@@ -62,23 +88,26 @@ _TARGET = click.option("--target", "-t", default="cpu-fp32", show_default=True,
 @_TARGET
 @click.option("--output", "-o", required=True, help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@click.option("--strict", is_flag=True, help="Fail (exit 8) if the ledger records any fallback.")
 @click.option("--dump-dir", default=None, help="Write the IR after every pass into this directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
-def compile_command(model: str, target: str, output: str, force: bool, dump_dir: str | None, as_json: bool) -> None:
-    r"""Compile MODEL (a zoo name or path/to/file.py:factory) and write an artifact.
+@_JSON
+def compile_command(model, target, output, force, strict, dump_dir, as_json) -> None:
+    r"""Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
     Examples:
       fxpress compile efficientnet-lite0 -o out/
-      fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force
+      fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
     """
     from compiler import api, model_source
+    from compiler.artifact import check_destination
 
+    check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
-    compiled = api.compile(
-        source.model, target, source.example_inputs, dump_dir=dump_dir,
-        dynamic_dims=source.dynamic_dims, model_name=source.name,
-    )
+    with _progress(_target_steps(target), f"compiling {source.name}") as step:
+        compiled = api.compile(source.model, target, source.example_inputs, dump_dir=dump_dir,
+                               dynamic_dims=source.dynamic_dims, model_name=source.name, strict=strict,
+                               progress=step)
     directory = compiled.save(output, force=force)
     if as_json:
         click.echo(json.dumps({"artifact": str(directory), "report": compiled.report.to_dict()}, indent=2))
@@ -87,12 +116,19 @@ def compile_command(model: str, target: str, output: str, force: bool, dump_dir:
         click.echo(f"wrote {directory}")
 
 
+def _absolute(path: str):
+    import os
+    from pathlib import Path
+
+    return Path(os.path.abspath(path))
+
+
 @main.command("inspect")
 @click.argument("model")
 @_TARGET
 @click.option("--dump-dir", default=None, help="Write the IR after every pass into this directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the ledger as JSON.")
-def inspect_command(model: str, target: str, dump_dir: str | None, as_json: bool) -> None:
+@_JSON
+def inspect_command(model, target, dump_dir, as_json) -> None:
     r"""Run the target's passes on MODEL without lowering and print the ledger.
 
     \b
@@ -103,11 +139,106 @@ def inspect_command(model: str, target: str, dump_dir: str | None, as_json: bool
     from compiler import api, model_source
 
     source = model_source.resolve(model)
-    ledger = api.inspect(
-        source.model, target, source.example_inputs, dump_dir=dump_dir,
-        dynamic_dims=source.dynamic_dims, model_name=source.name,
-    )
+    with _progress(_target_steps(target) - 1, f"inspecting {source.name}") as step:
+        ledger = api.inspect(source.model, target, source.example_inputs, dump_dir=dump_dir,
+                             dynamic_dims=source.dynamic_dims, model_name=source.name, progress=step)
     click.echo(ledger.to_json() if as_json else str(ledger))
+
+
+@main.command("bench")
+@click.argument("subject")
+@click.option("--model", "-m", default=None, help="The original model of an artifact (for --compare).")
+@_TARGET
+@click.option("--batch", "-b", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 16),
+              show_default=True, help="Batch size; repeat for several.")
+@click.option("--runs", type=click.IntRange(min=3), default=100, show_default=True, help="Timed runs per runner.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Threads for every runner (0: defaults).")
+@click.option("--compare", is_flag=True, help="Also time eager PyTorch and a plain torch.onnx.export.")
+@click.option("--plot", default=None, help="Draw the latency distributions into this PNG file.")
+@_JSON
+def bench_command(subject, model, target, batches, runs, warmup, threads, compare, plot, as_json) -> None:
+    r"""Measure latency percentiles, throughput and memory of SUBJECT (an artifact directory or a model).
+
+    \b
+    Examples:
+      fxpress bench efficientnet-lite0 --compare
+      fxpress bench out/ --model efficientnet-lite0 --batch 1 --batch 16 --compare --plot latency.png
+      fxpress bench minilm-l6 --runs 50 --json
+    """
+    from compiler.benchmark import plot_benchmark, render_benchmark, run_benchmark
+    from compiler.workload import load_workload
+
+    with _progress(_target_steps(target), "compiling") as step:
+        workload = load_workload(subject, model=model, target=target, progress=step)
+    with _progress(runs * len(batches), f"timing {workload.name}") as step:
+        report = run_benchmark(workload, batches, runs=runs, warmup=warmup, compare=compare, threads=threads,
+                               progress=step)
+    if plot:
+        plot_benchmark(report, plot)
+    if as_json:
+        click.echo(json.dumps({key: value for key, value in report.items() if key != "samples_ms"}, indent=2))
+    else:
+        click.echo(render_benchmark(report))
+
+
+@main.command("verify")
+@click.argument("artifact")
+@click.option("--model", "-m", default=None, help="The original model (default: the zoo model it was compiled from).")
+@click.option("--samples", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Evaluation samples.")
+@_JSON
+def verify_command(artifact, model, samples, as_json) -> None:
+    r"""Compare ARTIFACT with its eager original on evaluation data; exit 6 beyond tolerance.
+
+    \b
+    Examples:
+      fxpress verify out/ --model efficientnet-lite0
+      fxpress verify out/ --samples 256 --json
+    """
+    from compiler.verification import render_verification, verify
+    from compiler.workload import is_artifact, load_workload
+
+    if not is_artifact(artifact):
+        raise click.UsageError(f"{artifact} is not an artifact directory (no manifest.json)")
+    report = verify(load_workload(artifact, model=model), samples=samples)
+    click.echo(json.dumps(report, indent=2) if as_json else render_verification(report))
+    if not report["within_tolerance"]:
+        raise AccuracyError(f"{artifact} differs from the eager model beyond the target's tolerance "
+                            f"(max abs diff {report['max_abs']:.3g})")
+
+
+@main.command("targets")
+@_JSON
+def targets_command(as_json) -> None:
+    """List the targets with their passes, options and backend."""
+    records = [target.to_dict() for target in TARGETS.values()]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for record in records:
+        passes = ", ".join(spec["name"] for spec in record["pipeline"])
+        click.echo(f"{record['name']}: {record['description']}\n  passes: {passes}\n  backend: "
+                   f"{record['backend']} {record['backend_options']}")
+
+
+@main.command("zoo")
+@_JSON
+def zoo_command(as_json) -> None:
+    """List the zoo's models (real weights and sample data from installed packages)."""
+    import models
+
+    records = [{"name": name, **_zoo_record(models.load(name))} for name in models.names()]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    for record in records:
+        click.echo(f"{record['name']:<20} {record['task']:<15} {record['description']}")
+
+
+def _zoo_record(entry) -> dict:
+    inputs = [{"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+              for name, tensor in zip(entry.input_names, entry.example_inputs, strict=True)]
+    return {"task": entry.task, "description": entry.description, "inputs": inputs}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -127,8 +127,10 @@ def annotate_provenance(model: onnx.ModelProto) -> None:
 
 
 def _drop_stack_trace(node: onnx.NodeProto) -> None:
-    """Stack traces hold this machine's file paths: they would leak into deployments and make
-    artifacts differ between machines. The module path says where a node came from.
+    """Remove the exporter's stack traces from a node's metadata.
+
+    They hold this machine's file paths, which would leak into deployments and make artifacts
+    differ between machines; the module path already says where a node came from.
     """
     kept = [prop for prop in node.metadata_props if prop.key != _STACK_TRACE_KEY]
     del node.metadata_props[:]

@@ -90,11 +90,12 @@ def inspect(
     *,
     dynamic_dims: DynamicDims | None = None,
     model_name: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Ledger:
-    """Run the target's pipeline without lowering and return the ledger."""
+    """Run the target's pipeline without lowering and return the ledger (arguments as ``compile``)."""
     return run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
-        dynamic_dims=dynamic_dims, model_name=model_name,
+        dynamic_dims=dynamic_dims, model_name=model_name, progress=progress,
     ).ledger
 
 

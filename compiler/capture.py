@@ -14,6 +14,7 @@ ids and attention masks), up to the limit the model itself imposes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -222,7 +223,7 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     _annotate_provenance(gm)
     gm.graph.lint()
     gm.recompile()
-    input_names = tuple(node.name for node in gm.graph.nodes if node.op == "placeholder")
+    input_names = _input_names(model, [node.name for node in gm.graph.nodes if node.op == "placeholder"])
     return Captured(gm, front_end, input_names, output_spec, _resolved_dims(program, dims), constants)
 
 
@@ -302,3 +303,15 @@ def _finite_int(bound) -> int | None:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _input_names(model: torch.nn.Module, placeholders: list[str]) -> tuple[str, ...]:
+    """The names of ``forward``'s parameters (fx renames ``input`` to ``input_1``), else the placeholders'."""
+    try:
+        parameters = [
+            parameter.name for parameter in inspect.signature(model.forward).parameters.values()
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return tuple(placeholders)
+    return tuple(parameters[: len(placeholders)]) if len(parameters) >= len(placeholders) else tuple(placeholders)

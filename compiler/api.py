@@ -7,19 +7,20 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import torch
 import torch.utils._pytree as pytree
 
 from compiler import probe
-from compiler.artifact import REPORT_JSON, read_manifest, read_model
-from compiler.backend_base import LoweringRequest
+from compiler.artifact import MANIFEST_FILE, MODEL_FILE, REPORT_JSON, read_manifest, read_model
+from compiler.backend_base import Backend, LoweringRequest, Runner
 from compiler.capture import DynamicDims
 from compiler.compiled import CompiledModel
-from compiler.errors import AccuracyError, ArtifactError, FallbackError, TargetError
+from compiler.errors import AccuracyError, ArtifactError, FallbackError, FxpressError, TargetError
 from compiler.manifest import build_manifest
 from compiler.pipeline import PipelineResult, registry, run_pipeline
 from compiler.report import Ledger
-from compiler.targets import Target
+from compiler.targets import Target, get_target
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def compile(  # noqa: A001 - the product's name for it
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
+    backend = _backend(get_target(target))  # a bad backend option fails now, not after the passes
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress,
@@ -62,10 +64,6 @@ def compile(  # noqa: A001 - the product's name for it
     fallbacks = result.ledger.fallbacks
     if strict and fallbacks:
         raise FallbackError(f"strict mode: {len(fallbacks)} fallback(s) recorded: " + "; ".join(fallbacks))
-    backends = registry("backends")
-    if result.target.backend not in backends:
-        raise TargetError(f"target {result.target.name!r} names unknown backend {result.target.backend!r}")
-    backend = backends[result.target.backend](**dict(result.target.backend_options))
     output_names = _output_names(len(result.reference))
     lowered = backend.lower(LoweringRequest(
         result.graph_module, result.inputs, result.captured.input_names, output_names,
@@ -97,6 +95,14 @@ def inspect(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, model_name=model_name, progress=progress,
     ).ledger
+
+
+def _backend(target: Target) -> Backend:
+    """The target's backend with its options; unknown backends and bad options raise TargetError."""
+    backends = registry("backends")
+    if target.backend not in backends:
+        raise TargetError(f"target {target.name!r} names unknown backend {target.backend!r}")
+    return backends[target.backend](**dict(target.backend_options))
 
 
 def _output_names(count: int) -> tuple[str, ...]:
@@ -131,10 +137,39 @@ def load(directory: str | Path) -> CompiledModel:
     if target.get("backend") not in backends:
         raise ArtifactError(f"{directory}: unknown backend {target.get('backend')!r} in the manifest")
     backend = backends[target["backend"]](**target.get("backend_options", {}))
-    runner = backend.load(model)
-    report_path = directory / REPORT_JSON
-    report = Ledger.from_dict(json.loads(report_path.read_text())) if report_path.is_file() else Ledger(
-        model=manifest.get("model", ""), target=target.get("name", ""))
-    output_spec = pytree.treespec_loads(manifest["output_structure"])
+    output_spec = _output_spec(directory, manifest)
+    runner = _load_runner(directory, backend, model)
+    report = _report(directory, manifest)
     constants = {int(index): value for index, value in manifest.get("output_constants", {}).items()}
     return CompiledModel(model, runner, report, manifest, output_spec, constants)
+
+
+def _report(directory: Path, manifest: dict) -> Ledger:
+    """The ledger saved with the artifact, or an empty one when report.json is absent."""
+    path = directory / REPORT_JSON
+    if not path.is_file():
+        return Ledger(model=manifest.get("model", ""), target=manifest.get("target", {}).get("name", ""))
+    try:
+        return Ledger.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ArtifactError(f"{path} is not a readable fxpress report ({type(error).__name__}: {error})") from error
+
+
+def _output_spec(directory: Path, manifest: dict) -> pytree.TreeSpec:
+    """The output structure recorded in the manifest; a missing or garbled one is an ArtifactError."""
+    try:
+        return pytree.treespec_loads(manifest["output_structure"])
+    except (KeyError, TypeError, ValueError, NotImplementedError) as error:
+        message = f"{directory / MANIFEST_FILE} has no readable output_structure ({type(error).__name__})"
+        raise ArtifactError(f"{message}; recompile the model") from error
+
+
+def _load_runner(directory: Path, backend: Backend, model: onnx.ModelProto) -> Runner:
+    """The backend's runner; a model the runtime refuses is an ArtifactError naming the file."""
+    try:
+        return backend.load(model)
+    except FxpressError:
+        raise
+    except Exception as error:  # noqa: BLE001 - runtimes raise their own exception types
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ArtifactError(f"{directory / MODEL_FILE} cannot be loaded by the runtime: {first_line}") from error

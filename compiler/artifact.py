@@ -40,6 +40,9 @@ def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, repo
     try:
         _write_files(staging, model, manifest, report)
         _swap_into_place(staging, directory, force)
+    except OSError as error:  # disk full, permissions changed mid-write: an I/O error, not our bug
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"cannot write the artifact {directory}: {error}; nothing was replaced") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -47,11 +50,23 @@ def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, repo
 
 
 def check_destination(directory: Path, force: bool) -> None:
-    """Refuse a destination that is a file, or an existing non-empty directory without ``force``."""
+    """Refuse a file, an existing non-empty directory without ``force``, or an unwritable parent."""
     if directory.exists() and not directory.is_dir():
         raise ArtifactError(f"{directory} exists and is not a directory; choose another output path")
     if directory.is_dir() and any(directory.iterdir()) and not force:
         raise ArtifactError(f"{directory} already exists; pass --force (force=True) to replace it")
+    _check_writable_parent(directory)
+
+
+def _check_writable_parent(directory: Path) -> None:
+    """Refuse a destination whose nearest existing ancestor is a file or not writable."""
+    ancestor = directory.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArtifactError(f"cannot write {directory}: {ancestor} is not a directory; choose another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write into {ancestor}: permission denied; choose a writable path")
 
 
 def _make_staging(directory: Path) -> Path:
@@ -64,12 +79,12 @@ def _make_staging(directory: Path) -> Path:
 
 
 def _remove_stale_staging(directory: Path) -> None:
-    """Delete staging directories beside ``directory`` whose writing process no longer exists."""
+    """Delete staging directories beside ``directory`` (any name) whose writing process no longer exists."""
     if not directory.parent.is_dir():
         return
-    for candidate in directory.parent.glob(f".{directory.name}.partial-*"):
+    for candidate in directory.parent.glob(".*.partial-*"):
         pid_text = candidate.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if candidate.is_dir() and pid_text.isdigit() and not _process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
@@ -85,6 +100,8 @@ def _process_alive(pid: int) -> bool:
 
 def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: Ledger) -> None:
     external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    if external:  # saving with external data strips the weights out of the proto: save a copy
+        model = _copy(model)
     onnx.save_model(
         model, str(staging / MODEL_FILE), save_as_external_data=external,
         all_tensors_to_one_file=True, location=DATA_FILE,
@@ -99,6 +116,12 @@ def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: 
             os.fsync(handle.fileno())
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
 def _swap_into_place(staging: Path, directory: Path, force: bool) -> None:
     if directory.is_dir() and not any(directory.iterdir()):
         directory.rmdir()
@@ -111,9 +134,24 @@ def _swap_into_place(staging: Path, directory: Path, force: bool) -> None:
         return
     if not force:
         raise ArtifactError(f"{directory} appeared while writing (another compile?); pass --force to replace it")
+    _replace(staging, directory)
+
+
+def _replace(staging: Path, directory: Path) -> None:
+    """Move the old artifact aside, the new one into place, then delete the old; undo on failure."""
     retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-old-", dir=directory.parent))
-    os.rename(directory, retired / "artifact")
-    os.rename(staging, directory)
+    old = retired / "artifact"
+    try:
+        os.rename(directory, old)
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            os.rename(old, directory)  # put the old artifact back before reporting
+            raise
+    except OSError:
+        if not old.exists():
+            retired.rmdir()
+        raise
     shutil.rmtree(retired, ignore_errors=True)
 
 

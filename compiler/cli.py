@@ -92,13 +92,13 @@ def _target_steps(target: str) -> int:
 @click.option("--dump-dir", default=None, help="Write the IR after every pass into this directory.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, as_json) -> None:
-    r"""Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
+    """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
     Examples:
       fxpress compile efficientnet-lite0 -o out/
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api, model_source
     from compiler.artifact import check_destination
 
@@ -129,13 +129,13 @@ def _absolute(path: str):
 @click.option("--dump-dir", default=None, help="Write the IR after every pass into this directory.")
 @_JSON
 def inspect_command(model, target, dump_dir, as_json) -> None:
-    r"""Run the target's passes on MODEL without lowering and print the ledger.
+    """Run the target's passes on MODEL without lowering and print the ledger.
 
     \b
     Examples:
       fxpress inspect resnet18
       fxpress inspect minilm-l6 --json --dump-dir ir/
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api, model_source
 
     source = model_source.resolve(model)
@@ -158,14 +158,14 @@ def inspect_command(model, target, dump_dir, as_json) -> None:
 @click.option("--plot", default=None, help="Draw the latency distributions into this PNG file.")
 @_JSON
 def bench_command(subject, model, target, batches, runs, warmup, threads, compare, plot, as_json) -> None:
-    r"""Measure latency percentiles, throughput and memory of SUBJECT (an artifact directory or a model).
+    """Measure latency percentiles, throughput and memory of SUBJECT (an artifact directory or a model).
 
     \b
     Examples:
       fxpress bench efficientnet-lite0 --compare
       fxpress bench out/ --model efficientnet-lite0 --batch 1 --batch 16 --compare --plot latency.png
       fxpress bench minilm-l6 --runs 50 --json
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler.benchmark import plot_benchmark, render_benchmark, run_benchmark
     from compiler.workload import load_workload
 
@@ -188,13 +188,13 @@ def bench_command(subject, model, target, batches, runs, warmup, threads, compar
 @click.option("--samples", "-n", type=click.IntRange(min=1), default=64, show_default=True, help="Evaluation samples.")
 @_JSON
 def verify_command(artifact, model, samples, as_json) -> None:
-    r"""Compare ARTIFACT with its eager original on evaluation data; exit 6 beyond tolerance.
+    """Compare ARTIFACT with its eager original on evaluation data; exit 6 beyond tolerance.
 
     \b
     Examples:
       fxpress verify out/ --model efficientnet-lite0
       fxpress verify out/ --samples 256 --json
-    """
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler.verification import render_verification, verify
     from compiler.workload import is_artifact, load_workload
 
@@ -210,7 +210,13 @@ def verify_command(artifact, model, samples, as_json) -> None:
 @main.command("targets")
 @_JSON
 def targets_command(as_json) -> None:
-    """List the targets with their passes, options and backend."""
+    """List the targets with their passes, options and backend.
+
+    \b
+    Examples:
+      fxpress targets
+      fxpress targets --json
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     records = [target.to_dict() for target in TARGETS.values()]
     if as_json:
         click.echo(json.dumps(records, indent=2))
@@ -224,7 +230,13 @@ def targets_command(as_json) -> None:
 @main.command("zoo")
 @_JSON
 def zoo_command(as_json) -> None:
-    """List the zoo's models (real weights and sample data from installed packages)."""
+    """List the zoo's models (real weights and sample data from installed packages).
+
+    \b
+    Examples:
+      fxpress zoo
+      fxpress zoo --json
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     import models
 
     records = [{"name": name, **_zoo_record(models.load(name))} for name in models.names()]

@@ -61,9 +61,9 @@ def time_side_by_side(
 ) -> list[LatencyStats]:
     """Warm every runner up, then time ``runs`` calls of each, in blocks taken in rotation.
 
-    Blocks of about a tenth of the runs, rather than single calls, keep one runtime's idle
-    worker threads (ONNX Runtime spins after a call) from landing in another's timings, while
-    drift over the whole run still hits every runner alike.
+    Blocks of about a tenth of the runs, each after a pause and an untimed call, keep one
+    runtime's spinning worker threads from landing in another's timings, while drift over the
+    whole run still hits every runner alike.
     """
     for runner in runners.values():
         for _ in range(warmup):
@@ -73,6 +73,7 @@ def time_side_by_side(
     for start in range(0, runs, block):
         count = min(block, runs - start)
         for name, runner in runners.items():
+            _settle(runner)
             for _ in range(count):
                 began = time.perf_counter()
                 runner()
@@ -80,6 +81,16 @@ def time_side_by_side(
         if progress is not None:
             progress(count)
     return [summarize(name, batch, values) for name, values in samples.items()]
+
+
+def _settle(runner: Callable[[], object]) -> None:
+    """Let the previous runner's worker threads stop spinning, then make one untimed call.
+
+    ONNX Runtime's and OpenMP's thread pools spin for a while after a call; without the pause the
+    runner timed next pays for the one timed before it, which skews the ratios by up to 2x.
+    """
+    time.sleep(0.05)
+    runner()
 
 
 def ratios(stats: list[LatencyStats], reference: str) -> dict[str, float]:

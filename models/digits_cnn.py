@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from models.cache import cache_dir, load_state_dict, save_state_dict
 from models.digits import DigitsData, training_set
 from models.seeding import seeded
-from models.small import DigitsCNN, digits_zoo_model
-from models.zoo_model import ZooModel
+from models.small import DigitsCNN
+from models.zoo_model import ZooModel, classifier_zoo_model
 
 logger = logging.getLogger(__name__)
 
@@ -101,4 +101,4 @@ def trained_digits_cnn() -> DigitsCNN:
 def build_digits_cnn() -> ZooModel:
     """Returns the trained digits CNN on the native 1x8x8 digits."""
     description = "small conv-BN-ReLU CNN trained on the scikit-learn digits (1x8x8), cached"
-    return digits_zoo_model("digits-cnn", description, trained_digits_cnn(), DigitsData("image8"))
+    return classifier_zoo_model("digits-cnn", description, trained_digits_cnn(), DigitsData("image8"))

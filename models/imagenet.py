@@ -13,7 +13,7 @@ from torch import nn
 
 from models.images import IMAGENET_NORMALISATION, PhotoCropData
 from models.seeding import seeded
-from models.zoo_model import ZooModel, batch_dimension
+from models.zoo_model import ZooModel, classifier_zoo_model
 
 RESNET18_SEED = 18
 MOBILENET_V2_SEED = 2
@@ -178,29 +178,13 @@ def randomise_batchnorm(model: nn.Module) -> None:
             module.bias.normal_(0.0, 0.1)
 
 
-def imagenet_zoo_model(name: str, description: str, model: nn.Module) -> ZooModel:
-    """Wraps a random-weight ImageNet classifier with ImageNet-normalised photo crops."""
-    data = PhotoCropData(IMAGENET_NORMALISATION)
-    return ZooModel(
-        name=name,
-        description=description,
-        model=model.eval(),
-        example_inputs=data.calibration(1),
-        input_names=("input",),
-        output_names=("logits",),
-        dynamic_dims=batch_dimension("input"),
-        task="classification",
-        data=data,
-    )
-
-
 def build_resnet18() -> ZooModel:
     """Returns ResNet-18 with seeded random weights and BatchNorm statistics."""
     with seeded(RESNET18_SEED):
         model = ResNet18()
         randomise_batchnorm(model)
     description = "ResNet-18 (torchvision layout), seeded random weights and BatchNorm statistics"
-    return imagenet_zoo_model("resnet18", description, model)
+    return classifier_zoo_model("resnet18", description, model, PhotoCropData(IMAGENET_NORMALISATION))
 
 
 def build_mobilenet_v2() -> ZooModel:
@@ -209,4 +193,4 @@ def build_mobilenet_v2() -> ZooModel:
         model = MobileNetV2()
         randomise_batchnorm(model)
     description = "MobileNetV2 (torchvision layout), seeded random weights and BatchNorm statistics"
-    return imagenet_zoo_model("mobilenet-v2", description, model)
+    return classifier_zoo_model("mobilenet-v2", description, model, PhotoCropData(IMAGENET_NORMALISATION))

@@ -11,7 +11,7 @@ from torch import nn
 
 from models.digits import DigitsData
 from models.seeding import seeded
-from models.zoo_model import ZooModel, batch_dimension
+from models.zoo_model import ZooModel, classifier_zoo_model
 
 MLP_SEED = 0
 LENET_SEED = 1
@@ -84,27 +84,12 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(features, 1))
 
 
-def digits_zoo_model(name: str, description: str, model: nn.Module, data: DigitsData) -> ZooModel:
-    """Wraps a digits classifier and its data into a ZooModel with a dynamic batch."""
-    return ZooModel(
-        name=name,
-        description=description,
-        model=model.eval(),
-        example_inputs=data.calibration(1),
-        input_names=("input",),
-        output_names=("logits",),
-        dynamic_dims=batch_dimension("input"),
-        task="classification",
-        data=data,
-    )
-
-
 def build_mlp() -> ZooModel:
     """Returns the seeded random MLP on flattened 28x28 digits."""
     with seeded(MLP_SEED):
         model = MLP()
     description = "MLP 784-512-256-10 with ReLU, seeded random weights, digits upsampled to 28x28"
-    return digits_zoo_model("mlp", description, model, DigitsData("flat28"))
+    return classifier_zoo_model("mlp", description, model, DigitsData("flat28"))
 
 
 def build_lenet() -> ZooModel:
@@ -112,4 +97,4 @@ def build_lenet() -> ZooModel:
     with seeded(LENET_SEED):
         model = LeNet()
     description = "LeNet-5 (conv, max pool, fc 120-84-10), seeded random weights, 1x28x28 digits"
-    return digits_zoo_model("lenet", description, model, DigitsData("image28"))
+    return classifier_zoo_model("lenet", description, model, DigitsData("image28"))

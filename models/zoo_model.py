@@ -123,3 +123,18 @@ def check_count(count: int, maximum: int, what: str) -> None:
         raise ValueError(f"the number of {what} must be an int, got {count!r}")
     if not 1 <= count <= maximum:
         raise ValueError(f"asked for {count} {what}; between 1 and {maximum} are available")
+
+
+def classifier_zoo_model(name: str, description: str, model: torch.nn.Module, data: DataSource) -> ZooModel:
+    """Wraps a single-input classifier and its data source, with a dynamic batch dimension."""
+    return ZooModel(
+        name=name,
+        description=description,
+        model=model.eval(),
+        example_inputs=data.calibration(1),
+        input_names=("input",),
+        output_names=("logits",),
+        dynamic_dims=batch_dimension("input"),
+        task="classification",
+        data=data,
+    )

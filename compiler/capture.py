@@ -273,7 +273,7 @@ def _resolved_dims(program, dims: DynamicDims) -> DynamicDims:
     placeholders = [
         spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"
     ]
-    values = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+    values = {node.name: node.meta.get(meta.VAL) for node in program.graph.nodes if node.op == "placeholder"}
     resolved: DynamicDims = {}
     for index, name in enumerate(placeholders):
         resolved[index] = {}

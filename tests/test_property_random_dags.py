@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compiler import compile as fxpress_compile
+from tests.support import randomize_batch_norm
 
 ACTIVATIONS = {
     "none": torch.nn.Identity, "relu": torch.nn.ReLU, "relu6": torch.nn.ReLU6, "silu": torch.nn.SiLU,
@@ -29,7 +30,7 @@ class RandomDag(torch.nn.Module):
             self.layers.append(layer)
             channels.append(out_channels)
         self.head = torch.nn.Linear(channels[-1], 5)
-        _randomize_batch_norm(self)
+        randomize_batch_norm(self, seed)
 
     @staticmethod
     def _build(step: tuple, channels: list[int]) -> tuple[torch.nn.Module, int]:
@@ -58,16 +59,6 @@ class RandomDag(torch.nn.Module):
             else:
                 values.append(torch.cat([values[source], values[other]], dim=1))
         return self.head(values[-1].mean(dim=(2, 3)))
-
-
-def _randomize_batch_norm(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            count = module.num_features
-            module.running_mean.copy_(torch.randn(count) * 0.5)
-            module.running_var.copy_(torch.rand(count) + 0.5)
-            module.weight.data.copy_(torch.rand(count) + 0.5)
-            module.bias.data.copy_(torch.randn(count) * 0.2)
 
 
 @st.composite

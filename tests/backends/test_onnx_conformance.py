@@ -15,6 +15,7 @@ import torch.nn as nn
 from backends.onnx_export import MODULE_PATH_KEY, max_runtime_ir_version
 from backends.onnxruntime import make_session
 from compiler import ArtifactError, compile
+from tests.support import randomize_batch_norm
 
 RTOL, ATOL = 1e-3, 1e-5
 EXAMPLE_BATCH, OTHER_BATCH = 2, 5
@@ -44,19 +45,9 @@ class MLP(nn.Module):
         return self.head(self.body(x)).softmax(-1)
 
 
-def randomized(model: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-    return model.eval()
-
-
 def make_cnn():
     torch.manual_seed(0)
-    return randomized(SmallCNN()), (3, 8, 8)
+    return randomize_batch_norm(SmallCNN()), (3, 8, 8)
 
 
 def make_mlp():

@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from compiler import CaptureError, UnsupportedOperatorError, compile, meta
 from compiler.capture import capture
+from tests.support import SmallCNN, randomize_batch_norm
 
 RTOL, ATOL = 1e-3, 1e-5
 THIS_FILE = os.path.basename(__file__)
@@ -42,19 +43,6 @@ def assert_matches_eager(compiled, model: nn.Module, *inputs: torch.Tensor) -> N
         torch.testing.assert_close(got.double(), want.detach().double(), rtol=RTOL, atol=ATOL)
 
 
-def randomize_batch_norm(model: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm statistics: the defaults (mean 0, var 1) hide folding bugs."""
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            count = module.num_features
-            module.running_mean.copy_(torch.rand(count, generator=generator) * 2 - 1)
-            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.rand(count, generator=generator) - 0.5)
-    return model.eval()
-
-
 def with_gate(gate: nn.Module) -> nn.Module:
     """``Linear -> block.gate`` so that the failing code sits at a nested module path."""
 
@@ -73,27 +61,6 @@ def with_gate(gate: nn.Module) -> nn.Module:
 
 
 # --- models ------------------------------------------------------------------------------------
-
-
-class Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(Block(3, 8), Block(8, 8))
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.layers(x).mean((2, 3)))
 
 
 class CNNWithItemAssignment(SmallCNN):

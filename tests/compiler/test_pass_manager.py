@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from compiler import TARGETS, VerificationError, inspect
 from compiler.capture import capture
@@ -16,41 +15,14 @@ from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.pass_manager import PassManager
 from compiler.report import Ledger
 from passes import REGISTRY
+from tests.support import SmallCNN, randomize_batch_norm
 
 CPU_FP32_PASSES = [spec.name for spec in TARGETS["cpu-fp32"].pipeline]
 
 
-class Block(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(Block(3, 8), Block(8, 8))
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.layers(x).mean((2, 3)))
-
-
 def make_model() -> SmallCNN:
     torch.manual_seed(0)
-    model = SmallCNN().eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-    return model
+    return randomize_batch_norm(SmallCNN())
 
 
 # --- passes that misbehave on purpose --------------------------------------------------------

@@ -1,0 +1,45 @@
+"""Small models and fixtures shared by several test files (import as ``tests.support``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_batch_norm(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms: the defaults (mean 0, var 1) hide folding bugs."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            count = module.num_features
+            module.running_mean.copy_(torch.rand(count, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(count, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(count, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.rand(count, generator=generator) - 0.5)
+    return model.eval()
+
+
+class Block(nn.Module):
+    """Conv + BatchNorm + ReLU: the pattern BatchNorm folding and fusion marking look for."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class SmallCNN(nn.Module):
+    """Two blocks and a linear head; module paths ``layers.0.conv``, ``head``, ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(Block(3, 8), Block(8, 8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.layers(x).mean((2, 3)))

@@ -1,0 +1,553 @@
+"""fxpress cpu-int8 against the int8 peers, side by side in one process.
+
+For each model, every pipeline is built first, then timed at batch 1 and at batch 16 in blocks
+taken in rotation (``compiler.benchmark.time_side_by_side``: medians of interleaved blocks, so
+machine noise hits every pipeline alike), then evaluated on the zoo's evaluation data, which is
+disjoint from the calibration data.
+
+Classifiers (efficientnet-lite0; optionally digits-cnn, resnet18, mobilenet-v2):
+
+- ``ort-fp32``: plain ``torch.onnx.export`` in ONNX Runtime (static shapes, exported at each batch);
+- ``ort-quantize_static``: ONNX Runtime's own quantizer as its docs advise for x86: QDQ,
+  per-channel, MinMax, U8S8 (activations QUInt8, weights QInt8), after ``quant_pre_process``;
+- ``fxpress cpu-int8``: ``compiler.compile(..., target="cpu-int8", calibration_data=...)`` run
+  through its ONNX Runtime model;
+- ``pt2e-x86-inductor``: ``torchao.quantization.pt2e`` with ``X86InductorQuantizer``, then
+  ``torch.compile`` (efficientnet-lite0 only, and only where ``import torchao`` works).
+
+Columns: p50 latency (ms) at batch 1 and 16, ratio to ``quantize_static`` (< 1: faster), top-1
+agreement with eager fp32, true accuracy where the zoo has labels (digits-cnn), SQNR of the
+logits in dB (the measure for the random-weight models), ``model.onnx`` size and % of fp32.
+
+Sentence encoder (minilm-l6, sequence length 128): ``ort-fp32``, ``ort-quantize_dynamic``
+(its defaults) and fxpress cpu-int8; the quality columns are the cosine of each sentence's
+embedding to eager fp32's (mean and min) and nearest-neighbour agreement.
+
+A pipeline that cannot be built (cpu-int8 not in this fxpress yet, torchao missing) prints as
+``not available: <reason>`` and the run carries on.
+
+    python -m bench.int8_peers                                    # efficientnet-lite0, minilm-l6
+    python -m bench.int8_peers --models digits-cnn resnet18 --eval 500 --calib 256 --json int8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from backends.onnxruntime import make_session
+from compiler.benchmark import peak_rss_mb, plain_export, thread_settings, time_side_by_side
+
+CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
+ENCODERS = ("minilm-l6",)
+BATCHES = (1, 16)
+EVAL_CHUNK = 16
+SEQ_LEN = 128
+
+logger = logging.getLogger("bench.int8_peers")
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+
+
+def cpu_isa() -> dict:
+    """The CPU's int8-relevant feature flags: ``compiler.isa`` where it exists, else /proc/cpuinfo."""
+    with contextlib.suppress(ImportError):
+        from compiler.isa import detect_isa, int8_format
+
+        isa = detect_isa()
+        return {**isa.to_dict(), "int8_format": int8_format(isa).to_dict()}
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+    interesting = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+    found = tuple(flag for flag in interesting if flag in flags)
+    return {"machine": platform.machine().lower(), "vnni": any("vnni" in f or f == "amx_int8" for f in found),
+            "flags": found, "source": "/proc/cpuinfo" if cpuinfo.exists() else "unknown"}
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, or platform.processor()."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Pipelines
+
+
+@dataclass
+class Pipeline:
+    """One way of running the model: a runner per batch size, a predictor for evaluation, a size.
+
+    Attributes:
+        name: the row's name.
+        runners: batch -> a no-argument call on that batch's fixed inputs (what is timed).
+        predict: inputs (tuple of tensors, any batch) -> output tensor, for evaluation.
+        size_bytes: bytes of the serialised model.onnx (None where there is no ONNX model).
+        build_s: seconds to build it (export, quantise or compile).
+        status: "ok", or why the row has no numbers.
+        notes: anything worth printing under the table.
+    """
+
+    name: str
+    runners: dict[int, Callable[[], object]] = field(default_factory=dict)
+    predict: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None
+    size_bytes: int | None = None
+    build_s: float = 0.0
+    status: str = "ok"
+    notes: list[str] = field(default_factory=list)
+
+
+def unavailable(name: str, reason: str) -> Pipeline:
+    """A row that prints its reason instead of numbers."""
+    return Pipeline(name, status=f"not available: {reason}")
+
+
+def _reason(error: BaseException) -> str:
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
+
+def _pad(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Inputs padded along dim 0 to ``batch`` by repeating the last row; also the real count."""
+    count = inputs[0].shape[0]
+    if count == batch:
+        return inputs, count
+    return tuple(torch.cat([t, t[-1:].expand(batch - count, *t.shape[1:])]) for t in inputs), count
+
+
+def _chunks(inputs: tuple[torch.Tensor, ...], size: int):
+    total = inputs[0].shape[0]
+    for start in range(0, total, size):
+        yield tuple(t[start:start + size] for t in inputs)
+
+
+def _feed(session, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    return {spec.name: np.ascontiguousarray(t.numpy()) for spec, t in zip(session.get_inputs(), inputs, strict=True)}
+
+
+def _static_predictor(session, batch: int) -> Callable[[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """Evaluation through a static-batch session: chunks of ``batch``, the last one padded."""
+    def predict(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        outputs = []
+        for chunk in _chunks(inputs, batch):
+            padded, count = _pad(chunk, batch)
+            outputs.append(torch.from_numpy(np.asarray(session.run(None, _feed(session, padded))[0]))[:count])
+        return torch.cat(outputs)
+    return predict
+
+
+def ort_static_pipeline(name: str, models_by_batch: dict[int, bytes], timing_inputs: dict[int, tuple]) -> Pipeline:
+    """ONNX Runtime sessions for static-shape models, one per batch; evaluation on the largest."""
+    sessions = {batch: make_session(model) for batch, model in models_by_batch.items()}
+    pipeline = Pipeline(name, size_bytes=len(models_by_batch[min(models_by_batch)]))
+    for batch, session in sessions.items():
+        feed = _feed(session, timing_inputs[batch])
+        pipeline.runners[batch] = lambda session=session, feed=feed: session.run(None, feed)
+    largest = max(sessions)
+    pipeline.predict = _static_predictor(sessions[largest], largest)
+    return pipeline
+
+
+def export_fp32(model: torch.nn.Module, timing_inputs: dict[int, tuple]) -> dict[int, bytes]:
+    """What a user gets from a plain ``torch.onnx.export`` at each batch (static shapes)."""
+    return {batch: plain_export(model, inputs) for batch, inputs in timing_inputs.items()}
+
+
+class _Reader:
+    """A CalibrationDataReader over calibration batches, padded to a static batch."""
+
+    def __init__(self, session_inputs: list[str], calibration: tuple[torch.Tensor, ...], batch: int):
+        self._names, self._calibration, self._batch = session_inputs, calibration, batch
+        self._iterator = None
+        self.rewind()
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iterator, None)
+
+    def rewind(self) -> None:
+        def feeds():
+            for chunk in _chunks(self._calibration, self._batch):
+                padded, _ = _pad(chunk, self._batch)  # repeated rows do not move a MinMax range
+                yield {name: np.ascontiguousarray(t.numpy()) for name, t in zip(self._names, padded, strict=True)}
+        self._iterator = feeds()
+
+
+def ort_quantize_static(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...],
+                        workdir: Path) -> dict[int, bytes]:
+    """``quant_pre_process`` then ``quantize_static`` (QDQ, per-channel, MinMax, U8S8), per batch."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quantized = {}
+    for batch, model in fp32.items():
+        source, prepared, output = (workdir / f"{stem}_b{batch}.onnx" for stem in ("fp32", "pre", "qdq"))
+        source.write_bytes(model)
+        quant_pre_process(str(source), str(prepared))
+        names = [value.name for value in onnx.load(str(prepared), load_external_data=False).graph.input]
+        quantize_static(
+            str(prepared), str(output), _Reader(names, calibration, batch),
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            # No CalibMaxIntermediateOutputs: in onnxruntime 1.31 it drops every full group of
+            # batches unreduced (clear_collected_data without compute_data). MinMax keeps only
+            # ReduceMin/ReduceMax outputs per batch, so memory stays small without it.
+        )
+        quantized[batch] = output.read_bytes()
+    return quantized
+
+
+def ort_quantize_dynamic(fp32: dict[int, bytes], workdir: Path) -> dict[int, bytes]:
+    """``quantize_dynamic`` with its defaults, per batch."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    quantized = {}
+    for batch, model in fp32.items():
+        source, output = workdir / f"fp32_b{batch}.onnx", workdir / f"dyn_b{batch}.onnx"
+        source.write_bytes(model)
+        quantize_dynamic(str(source), str(output))
+        quantized[batch] = output.read_bytes()
+    return quantized
+
+
+def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
+                     timing_inputs: dict[int, tuple]) -> Pipeline:
+    """The public API, target cpu-int8, timed through its ONNX Runtime model."""
+    from compiler import TargetError, compile
+    from compiler.model_source import resolve
+
+    row = "fxpress cpu-int8"
+    source = resolve(name)  # a fresh module: the peers' copy is left untouched
+    started = time.perf_counter()
+    try:
+        compiled = compile(source.model, target="cpu-int8", example_inputs=source.example_inputs,
+                           calibration_data=calibration, dynamic_dims=source.dynamic_dims, model_name=name)
+    except TargetError as error:
+        return unavailable(row, _reason(error))
+    build_s = time.perf_counter() - started
+    options = compiled.manifest.get("target", {}).get("backend_options", {})
+    session = make_session(compiled.onnx, options.get("graph_optimization_level", "all"),
+                           options.get("intra_op_num_threads", 0))
+    pipeline = Pipeline(row, size_bytes=compiled.onnx.ByteSize(), build_s=build_s)
+    for batch, inputs in timing_inputs.items():
+        feed = _feed(session, inputs)
+        pipeline.runners[batch] = lambda feed=feed: session.run(None, feed)
+
+    def predict(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return torch.cat([compiled(*chunk) for chunk in _chunks(inputs, EVAL_CHUNK)])
+
+    pipeline.predict = predict
+    fallbacks = compiled.report.fallbacks
+    if fallbacks:
+        pipeline.notes.append(f"{len(fallbacks)} fallback(s): " + "; ".join(fallbacks)[:300])
+    return pipeline
+
+
+def pt2e_pipeline(zoo, calibration: tuple[torch.Tensor, ...], timing_inputs: dict[int, tuple]) -> Pipeline:
+    """PT2E int8 with ``X86InductorQuantizer``, then ``torch.compile`` (Inductor, freezing on)."""
+    row = "pt2e-x86-inductor"
+    try:
+        import torchao  # noqa: F401
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    except Exception as error:  # noqa: BLE001 - any import failure means the row is skipped
+        return unavailable(row, f"import torchao failed ({_reason(error)})")
+    import torch._inductor.config as inductor_config
+
+    started = time.perf_counter()
+    inductor_config.freezing = True
+    model = zoo.model
+    batch_dim = torch.export.Dim("batch", min=1, max=1024)
+    dynamic_shapes = tuple({0: batch_dim} for _ in zoo.example_inputs)
+    example = tuple(t[:2] for t in calibration)  # batch 1 would be specialised to a constant
+    with torch.no_grad():
+        exported = torch.export.export(model, example, dynamic_shapes=dynamic_shapes).module()
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        for chunk in _chunks(calibration, EVAL_CHUNK):
+            prepared(*chunk)
+        converted = convert_pt2e(prepared)
+        optimized = torch.compile(converted, dynamic=False)  # one static graph per batch, like the ORT peers
+        for inputs in timing_inputs.values():  # compile every shape before anything is timed
+            optimized(*inputs)
+    pipeline = Pipeline(row, build_s=time.perf_counter() - started)
+
+    def call(inputs: tuple[torch.Tensor, ...]):
+        with torch.no_grad():
+            return optimized(*inputs)
+
+    for batch, inputs in timing_inputs.items():
+        pipeline.runners[batch] = lambda inputs=inputs: call(inputs)
+
+    def predict(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        outputs = []
+        for chunk in _chunks(inputs, EVAL_CHUNK):
+            padded, count = _pad(chunk, EVAL_CHUNK)  # one compiled shape, no recompiles
+            outputs.append(call(padded)[:count])
+        return torch.cat(outputs)
+
+    pipeline.predict = predict
+    pipeline.notes.append(f"torch {torch.__version__}, torchao {torchao.__version__}; no ONNX model, size n/a")
+    return pipeline
+
+
+def guarded(name: str, build: Callable[[], Pipeline]) -> Pipeline:
+    """Build a pipeline; any failure becomes a 'not available' row, and the run carries on."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - one peer failing must not end the run
+        logger.debug("%s failed:\n%s", name, traceback.format_exc())
+        return unavailable(name, _reason(error))
+
+
+# --------------------------------------------------------------------------------------------
+# Quality measures
+
+
+def eager_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(*chunk) for chunk in _chunks(inputs, EVAL_CHUNK)])
+
+
+def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
+    """10 log10(signal power / error power) over all outputs."""
+    reference, actual = reference.double(), actual.double()
+    noise = float((reference - actual).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(reference.pow(2).sum()) / noise)
+
+
+def classifier_quality(reference: torch.Tensor, actual: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    quality = {
+        "top1_agreement": float((reference.argmax(1) == actual.argmax(1)).double().mean()),
+        "sqnr_db": sqnr_db(reference, actual),
+    }
+    if labels is not None:
+        quality["accuracy"] = float((actual.argmax(1) == labels).double().mean())
+    return quality
+
+
+def embedding_quality(reference: torch.Tensor, actual: torch.Tensor) -> dict:
+    reference, actual = reference.double(), actual.double()
+    cosine = torch.nn.functional.cosine_similarity(reference, actual, dim=1)
+
+    def neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(embeddings, dim=1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-math.inf)
+        return similarity.argmax(1)
+
+    return {
+        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+        "nn_agreement": float((neighbours(reference) == neighbours(actual)).double().mean()),
+        "sqnr_db": sqnr_db(reference, actual),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One model
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict:
+    import models
+
+    zoo = models.load(name)
+    encoder = name in ENCODERS
+    options = {"seq_len": args.seq_len} if encoder else {}
+    print(f"\n== {name}: {zoo.description}", flush=True)
+    calibration = tuple(zoo.calibration_data(args.calib, **options))
+    evaluation = tuple(zoo.eval_data(args.eval, **options))
+    labels = None if encoder else zoo.eval_labels(args.eval)
+    timing_inputs = {batch: tuple(t[:batch].contiguous() for t in evaluation) for batch in BATCHES}
+    if min(t.shape[0] for t in evaluation) < max(BATCHES):
+        raise SystemExit(f"--eval must be at least {max(BATCHES)}")
+    calibration_batches = list(_chunks(calibration, EVAL_CHUNK))
+    peer = "ort-quantize_dynamic" if encoder else "ort-quantize_static"
+
+    pipelines: list[Pipeline] = []
+    with tempfile.TemporaryDirectory(prefix="int8-peers-") as tmp:
+        started = time.perf_counter()
+        fp32 = export_fp32(zoo.model, timing_inputs)
+        fp32_row = ort_static_pipeline("ort-fp32", fp32, timing_inputs)
+        fp32_row.build_s = time.perf_counter() - started
+        pipelines.append(fp32_row)
+
+        def build_peer() -> Pipeline:
+            started = time.perf_counter()
+            quantized = ort_quantize_dynamic(fp32, Path(tmp)) if encoder else \
+                ort_quantize_static(fp32, calibration, Path(tmp))
+            row = ort_static_pipeline(peer, quantized, timing_inputs)
+            row.build_s = time.perf_counter() - started
+            return row
+
+        pipelines.append(guarded(peer, build_peer))
+    pipelines.append(guarded("fxpress cpu-int8", lambda: fxpress_pipeline(name, calibration_batches, timing_inputs)))
+    if name == "efficientnet-lite0":
+        if args.no_pt2e:
+            pipelines.append(unavailable("pt2e-x86-inductor", "skipped (--no-pt2e)"))
+        else:
+            pipelines.append(guarded("pt2e-x86-inductor", lambda: pt2e_pipeline(zoo, calibration, timing_inputs)))
+    for pipeline in pipelines:
+        built = pipeline.status if pipeline.status != "ok" else f"{pipeline.build_s:.1f} s"
+        print(f"  built {pipeline.name:<22} {built}", flush=True)
+
+    ready = [p for p in pipelines if p.status == "ok"]
+    latency: dict[str, dict[int, float]] = {p.name: {} for p in ready}
+    for batch in BATCHES:
+        stats = time_side_by_side({p.name: p.runners[batch] for p in ready}, batch,
+                                  warmup=args.warmup, runs=args.repeats)
+        for item in stats:
+            latency[item.runner][batch] = item.p50_ms
+
+    reference = eager_outputs(zoo.model, evaluation)
+    rows = []
+    for pipeline in pipelines:
+        row = {"pipeline": pipeline.name, "status": pipeline.status, "build_s": pipeline.build_s,
+               "size_bytes": pipeline.size_bytes, "notes": pipeline.notes}
+        if pipeline.status == "ok":
+            for batch in BATCHES:
+                row[f"p50_ms_b{batch}"] = latency[pipeline.name][batch]
+                base = latency.get(peer, {}).get(batch)
+                row[f"ratio_b{batch}"] = latency[pipeline.name][batch] / base if base else None
+            try:
+                actual = pipeline.predict(evaluation)
+                row.update(embedding_quality(reference, actual) if encoder else
+                           classifier_quality(reference, actual, labels))
+            except Exception as error:  # noqa: BLE001 - report, carry on
+                row["notes"] = [*row["notes"], f"evaluation failed: {_reason(error)}"]
+        rows.append(row)
+    fp32_size = next(r["size_bytes"] for r in rows if r["pipeline"] == "ort-fp32")
+    for row in rows:
+        row["size_pct_fp32"] = 100 * row["size_bytes"] / fp32_size if row["size_bytes"] and fp32_size else None
+    reference_labels = None if labels is None else float((reference.argmax(1) == labels).double().mean())
+    result = {"model": name, "kind": "embedding" if encoder else "classification", "peer": peer,
+              "calibration_samples": args.calib, "evaluation_samples": args.eval,
+              "seq_len": args.seq_len if encoder else None, "eager_fp32_accuracy": reference_labels, "rows": rows}
+    print(render(result), flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:{spec}}{suffix}"
+
+
+def render(result: dict) -> str:
+    encoder = result["kind"] == "embedding"
+    peer = result["peer"].removeprefix("ort-")
+    header = ["pipeline", "b1 ms", "b16 ms", f"b1 / {peer}", f"b16 / {peer}"]
+    if encoder:
+        header += ["cos mean", "cos min", "NN agree"]
+    else:
+        header += ["top1 agree", "SQNR dB"] + (["accuracy"] if result["eager_fp32_accuracy"] is not None else [])
+    header += ["model.onnx B", "% fp32", "build s"]
+    lines, cells = [], []
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"{row['pipeline']}: {row['status']}")
+            continue
+        cell = [row["pipeline"], _fmt(row.get("p50_ms_b1"), ".2f"), _fmt(row.get("p50_ms_b16"), ".2f"),
+                _fmt(row.get("ratio_b1"), ".2f", "x"), _fmt(row.get("ratio_b16"), ".2f", "x")]
+        if encoder:
+            cell += [_fmt(row.get("cosine_mean"), ".4f"), _fmt(row.get("cosine_min"), ".4f"),
+                     _fmt(None if row.get("nn_agreement") is None else 100 * row["nn_agreement"], ".1f", "%")]
+        else:
+            cell += [_fmt(None if row.get("top1_agreement") is None else 100 * row["top1_agreement"], ".1f", "%"),
+                     _fmt(row.get("sqnr_db"), ".1f")]
+            if result["eager_fp32_accuracy"] is not None:
+                cell.append(_fmt(None if row.get("accuracy") is None else 100 * row["accuracy"], ".1f", "%"))
+        cell += [_fmt(row["size_bytes"], "d"), _fmt(row.get("size_pct_fp32"), ".1f", "%"), _fmt(row["build_s"], ".1f")]
+        cells.append(cell)
+        lines += [f"  note ({row['pipeline']}): {note}" for note in row["notes"]]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, ["-" * w for w in widths], *cells]]
+    title = (f"{result['model']}: p50 of interleaved blocks; quality on {result['evaluation_samples']} evaluation "
+             f"samples vs eager fp32; {result['calibration_samples']} calibration samples"
+             + (f"; seq len {result['seq_len']}" if encoder else ""))
+    extra = ([f"eager fp32 accuracy {100 * result['eager_fp32_accuracy']:.1f}%"]
+             if result["eager_fp32_accuracy"] is not None else [])
+    return "\n".join([title, *table, *extra, *lines])
+
+
+def _finite(value):
+    """JSON has no infinity: an infinite SQNR (identical outputs) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["efficientnet-lite0", "minilm-l6"],
+                        choices=[*CLASSIFIERS, *ENCODERS])
+    parser.add_argument("--eval", type=int, default=500, help="evaluation samples (default 500)")
+    parser.add_argument("--calib", type=int, default=256, help="calibration samples (default 256)")
+    parser.add_argument("--repeats", type=int, default=60, help="timed runs per pipeline and batch (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="sentence encoder sequence length (128)")
+    parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E row (its torch.compile is slow)")
+    parser.add_argument("--json", default=None, help="also write every number to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import onnxruntime as ort
+
+    isa = cpu_isa()
+    machine = {"cpu": cpu_model_name(), "isa": isa, "threads": thread_settings(0), "torch": torch.__version__,
+               "onnxruntime": ort.__version__, "onnx": onnx.__version__}
+    print(f"fxpress int8 peers: {machine['cpu']}, {os.cpu_count()} cpus; int8 flags "
+          f"{', '.join(isa['flags']) or 'none'} (VNNI: {'yes' if isa['vnni'] else 'no'}, from {isa['source']})")
+    if "int8_format" in isa:
+        print(f"compiler.isa int8 format: {isa['int8_format']['name']} ({isa['int8_format']['reason']})")
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}; "
+          f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads default")
+    results = []
+    for name in args.models:
+        results.append(bench_model(name, args))
+    print(f"\npeak RSS {peak_rss_mb():.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(_finite({"machine": machine, "args": vars(args), "results": results}), handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

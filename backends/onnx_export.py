@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
+from backends.quant_translations import TRANSLATIONS
 from compiler import ir, meta
 from compiler.capture import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError
@@ -60,11 +61,13 @@ def _run_exporter(request: ExportRequest):
     dynamic_shapes = _dynamic_shapes(dims, len(arguments))
     quiet = io.StringIO()
     try:
-        with quiet_torch(), contextlib.redirect_stdout(quiet):
+        # An inference graph: no autograd forms of ops (e.g. the cachemask form of fake-quantise).
+        with quiet_torch(), contextlib.redirect_stdout(quiet), torch.no_grad():
             return torch.onnx.export(
                 request.graph_module, arguments, dynamo=True, opset_version=request.opset,
                 input_names=list(request.input_names), output_names=list(request.output_names),
                 dynamic_shapes=dynamic_shapes, verbose=False, optimize=True,
+                custom_translation_table=TRANSLATIONS,
             )
     except Exception as error:
         unsupported = unsupported_operators(request.graph_module, request.opset)

@@ -75,7 +75,7 @@ def compile(  # noqa: A001 - the product's name for it
     manifest = build_manifest(result, output_names, lowered.info, calibration_data)
     return CompiledModel(
         lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec,
-        result.captured.output_constants,
+        result.captured.output_constants, graph_module=result.graph_module,
     )
 
 
@@ -114,11 +114,30 @@ def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], in
     info["drift"] = drift.to_dict()
     result.ledger.lowering = info
     tolerance = result.target.tolerance
+    if tolerance.steps is not None:
+        _check_against_simulation(result, outputs, info)
+        return
     if not probe.within_tolerance(outputs, result.reference, tolerance.rtol, tolerance.atol):
         raise AccuracyError(
             f"the {info['backend']} model differs from eager beyond the target's tolerance "
             f"(rtol={tolerance.rtol}, atol={tolerance.atol}): max abs diff {drift.max_abs:.3g}, "
             f"cosine {drift.cosine:.6f}; run inspect() to see each pass's drift"
+        )
+
+
+def _check_against_simulation(result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict) -> None:
+    """A quantised model must match its torch simulation within the target's steps, not fp32 eager."""
+    tolerance = result.target.tolerance
+    with torch.no_grad():
+        simulated = tuple(probe.run_annotated(result.graph_module, result.inputs))
+    fraction = probe.within_steps(outputs, simulated, tolerance.steps)
+    info["simulation_agreement"] = {"within_steps": tolerance.steps, "fraction": fraction,
+                                    "drift": probe.drift(outputs, simulated).to_dict()}
+    if fraction < tolerance.fraction:
+        raise AccuracyError(
+            f"the {info['backend']} int8 model agrees with its torch simulation within {tolerance.steps:g} output "
+            f"step(s) on {fraction:.2%} of elements, below the target's {tolerance.fraction:.2%}; the runtime "
+            "computes something the simulation does not model (see the ledger's lowering record)"
         )
 
 

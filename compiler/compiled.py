@@ -23,6 +23,7 @@ class CompiledModel:
         manifest: dict,
         output_spec: pytree.TreeSpec,
         output_constants: dict[int, object] | None = None,
+        graph_module: torch.fx.GraphModule | None = None,
     ):
         self._model = model
         self._runner = runner
@@ -30,6 +31,7 @@ class CompiledModel:
         self.manifest = manifest
         self._output_spec = output_spec
         self._output_constants = dict(output_constants or {})
+        self.graph_module = graph_module  # the optimised IR; None for a model loaded from disk
 
     @property
     def onnx(self) -> onnx.ModelProto:
@@ -44,6 +46,24 @@ class CompiledModel:
     def __call__(self, *inputs: torch.Tensor) -> object:
         """Run on torch tensors; return torch tensors in the structure the original returned."""
         tensors = iter(self._runner.run(tuple(inputs)))
+        flat = [
+            self._output_constants[index] if index in self._output_constants else next(tensors)
+            for index in range(self._output_spec.num_leaves)
+        ]
+        return pytree.tree_unflatten(flat, self._output_spec)
+
+    def simulate(self, *inputs: torch.Tensor) -> object:
+        """Run the optimised IR in PyTorch: for int8 targets, the fake-quantised simulation of the runtime.
+
+        Raises:
+            ArtifactError: for a model loaded from disk, which holds only the ONNX model.
+        """
+        if self.graph_module is None:
+            from compiler.errors import ArtifactError
+
+            raise ArtifactError("a loaded model has no IR to simulate; compile() the model to get one")
+        with torch.no_grad():
+            tensors = iter(self.graph_module(*inputs))
         flat = [
             self._output_constants[index] if index in self._output_constants else next(tensors)
             for index in range(self._output_spec.num_leaves)

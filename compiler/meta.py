@@ -22,9 +22,14 @@ FUSION_GROUP = "fxpress_fusion_group"  # name of the anchor (conv/linear) node o
 FUSION_ROLE = "fxpress_fusion_role"  # "anchor" or "activation" within that group
 FUSED_ACTIVATION = "fxpress_fused_activation"  # on an anchor: the activation kind, e.g. "relu6"
 
+# Quantisation (calibrate, insert_qdq).
+QUANT_RANGE = "fxpress_quant_range"  # on a tensor to quantise: {"low", "high", "observer", "min", "max"}
+QUANT_PARAMS = "fxpress_quant_params"  # on a fake-quantise node: {"scale", "zero_point", "dtype", ...}
+QUANT_DECISION = "fxpress_quant_decision"  # on an op kept in float by an override or analysis: the reason
+
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
-    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION,
+    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION,
 )
 
 

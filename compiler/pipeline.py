@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from compiler import probe
 from compiler.capture import Captured, DynamicDims, capture, check_model, normalize_inputs
-from compiler.errors import CaptureError, TargetError
+from compiler.errors import CalibrationDataError, CaptureError, TargetError
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import PassManager
 from compiler.report import Ledger
@@ -99,12 +99,40 @@ def run_pipeline(
         progress("capture")
     ledger = Ledger(model=model_name or type(model).__name__, target=target.name, capture=_capture_record(captured))
     ledger.fallbacks.extend(captured.fallbacks)
-    if calibration_data is not None and not any(p.name.startswith("calibrate") for p in passes):
+    calibrates = any(getattr(p, "needs_calibration", False) for p in passes)
+    if calibration_data is not None and not calibrates:
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
-    context = PassContext(inputs, inputs, calibration_data, target.name)
+    context = PassContext(inputs, inputs, None, target.name)
+    if target.quant_policy:
+        context.quant_policy = _quant_policy(target, ledger)
+    if calibrates:
+        context.calibration_data = _validated(calibration_data, inputs, captured, target)
+        ledger.capture["calibration"] = context.calibration_data.summary()
     manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
     gm = manager.run(captured.graph_module, context, reference, ledger)
     return PipelineResult(gm, captured, target, ledger, inputs, reference)
+
+
+def _quant_policy(target: Target, ledger: Ledger):
+    """The target's placement policy, with ``auto`` formats resolved for this CPU (recorded)."""
+    from compiler.isa import detect_isa, int8_format
+
+    policy_module = importlib.import_module("passes.quant.policy")
+    policy = policy_module.make_policy(dict(target.quant_policy))
+    ledger.capture["isa"] = {**detect_isa().to_dict(), "int8_format": int8_format().to_dict()}
+    ledger.capture["quant_policy"] = policy.to_dict()
+    return policy
+
+
+def _validated(calibration_data: object, inputs: tuple[torch.Tensor, ...], captured: Captured, target: Target):
+    """Validated calibration batches, before any pass runs; a clear error when none were given."""
+    if calibration_data is None:
+        raise CalibrationDataError(
+            f"target {target.name!r} calibrates quantisation ranges and needs calibration_data: an iterable of "
+            "a few hundred representative inputs shaped like the example inputs (tensors, tuples or dicts)"
+        )
+    validate = importlib.import_module("passes.quant.calibration_data").validate_calibration_data
+    return validate(calibration_data, inputs, captured.input_names, captured.dynamic_dims)
 
 
 def _capture_record(captured: Captured) -> dict:

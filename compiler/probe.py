@@ -106,3 +106,24 @@ def within_tolerance(
         torch.allclose(out.to(torch.float64), ref.to(torch.float64), rtol=rtol, atol=atol)
         for out, ref in zip(outputs, reference, strict=True)
     )
+
+
+def output_step(tensor: torch.Tensor) -> float:
+    """One 8-bit quantisation step of ``tensor``'s range: ``(max - min) / 255`` (0 for constants)."""
+    values = tensor.detach().to(torch.float64)
+    return float(values.max() - values.min()) / 255.0 if values.numel() else 0.0
+
+
+def within_steps(
+    outputs: tuple[torch.Tensor, ...], simulated: tuple[torch.Tensor, ...], steps: float = 1.0
+) -> float:
+    """The fraction of elements where ``|out - sim| <= steps * output_step(sim)``, over all outputs."""
+    inside = total = 0
+    for out, sim in zip(outputs, simulated, strict=True):
+        if not sim.dtype.is_floating_point:
+            inside += int((out == sim).sum())
+        else:
+            bound = steps * output_step(sim)
+            inside += int(((out.to(torch.float64) - sim.to(torch.float64)).abs() <= bound + 1e-12).sum())
+        total += sim.numel()
+    return inside / total if total else 1.0

@@ -28,10 +28,18 @@ class PassSpec:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How close the compiled model must stay to eager: ``|out - ref| <= atol + rtol * |ref|``."""
+    """How close the compiled model must stay to its reference.
+
+    Float targets compare with eager: ``|out - ref| <= atol + rtol * |ref|`` everywhere.
+    Quantised targets (``steps`` set) compare the runtime with the torch simulation of the int8
+    model: ``|out - sim| <= steps * step`` on at least ``fraction`` of the elements, where ``step``
+    is one 8-bit quantisation step of the output's range.
+    """
 
     rtol: float
     atol: float
+    steps: float | None = None
+    fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Target:
     backend: str
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     tolerance: Tolerance = Tolerance(rtol=1e-3, atol=1e-5)
+    quant_policy: Mapping[str, Any] = field(default_factory=dict)  # empty: the target does not quantise
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, as recorded in reports and manifests."""
@@ -54,6 +63,7 @@ class Target:
             "backend": self.backend,
             "backend_options": dict(self.backend_options),
             "tolerance": {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol},
+            "quant_policy": dict(self.quant_policy),
         }
 
 
@@ -76,6 +86,26 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         ),
         backend="onnxruntime",
         backend_options={"opset": 18, "graph_optimization_level": "all"},
+    ),
+    "cpu-int8": Target(
+        name="cpu-int8",
+        description="int8 on ONNX Runtime's CPU provider: static QDQ in integer kernels, calibrated, "
+                    "format chosen for the CPU's ISA",
+        pipeline=(
+            *_CLEANUP,
+            PassSpec("fold_conv_bn"),
+            PassSpec("fold_linear_bn"),
+            PassSpec("mark_activation_fusion"),
+            PassSpec("eliminate_dead_code"),
+            PassSpec("calibrate"),
+            PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4}),
+            PassSpec("insert_qdq"),
+        ),
+        backend="onnxruntime",
+        backend_options={"opset": 18, "graph_optimization_level": "all"},
+        # Compared with the torch simulation of the int8 model, not with fp32 eager.
+        tolerance=Tolerance(rtol=0.0, atol=0.0, steps=1.0, fraction=0.999),
+        quant_policy={"base": "onnxruntime-cpu", "activation_dtype": "auto", "weight_bits": "auto"},
     ),
 })
 

@@ -9,6 +9,9 @@ from passes.cleanup.remove_noops import RemoveNoops
 from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
+from passes.quant.calibrate import Calibrate
+from passes.quant.insert_qdq import InsertQDQ
+from passes.quant.sensitivity import QuantSensitivity
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -19,6 +22,9 @@ REGISTRY: dict[str, type[Pass]] = {
         FoldConvBatchNorm,
         FoldLinearBatchNorm,
         MarkActivationFusion,
+        Calibrate,
+        InsertQDQ,
+        QuantSensitivity,
     )
 }
 

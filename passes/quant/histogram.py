@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 SMALLEST_WIDTH = 2.0**-64  # the width while every value seen is zero
 _LARGEST_SHIFT = 62  # floor(g / 2**k) for |g| <= bins is the same for every k >= 62
@@ -99,20 +100,23 @@ class StreamingHistogram:
         self.zeros = 0.0
         self.low = self.high = 0.0  # smallest and largest value seen, widened to include 0
 
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray | torch.Tensor) -> None:
         """Count finite float64 ``values``; grow and re-bin first if they fall outside the histogram."""
-        if values.size == 0:
+        values = torch.as_tensor(values)
+        if values.numel() == 0:
             return
-        self.low = min(self.low, float(values.min()))
-        self.high = max(self.high, float(values.max()))
+        low, high = torch.aminmax(values)
+        self.low = min(self.low, float(low))
+        self.high = max(self.high, float(high))
         if self.width == 0.0:
             self.width = _fitting_width(self.low, self.high, self.bins, SMALLEST_WIDTH)
             self.start = math.floor(self.low / self.width)
         elif not self._covers(self.low, self.high):
             self._regrid(_fitting_width(self.low, self.high, self.bins, self.width))
-        index = np.floor(values / self.width).astype(np.int64) - self.start
-        self.counts += np.bincount(index, minlength=self.bins)
-        self.zeros += float(np.count_nonzero(values == 0.0))
+        # Dividing by a power of two is exact, so every value lands in its exact bin.
+        index = torch.floor(values / self.width).to(torch.int64) - self.start
+        self.counts += torch.bincount(index, minlength=self.bins).numpy()
+        self.zeros += float(torch.count_nonzero(values == 0.0))
 
     def snapshot(self) -> Histogram:
         """An immutable copy of the current histogram."""

@@ -27,7 +27,6 @@ import inspect
 import math
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from compiler.errors import TargetError
@@ -75,13 +74,22 @@ class Observer:
         self.minimum, self.maximum = math.inf, -math.inf
         self.count = self.non_finite = 0
 
-    def observe(self, tensor: torch.Tensor) -> None:
-        """Add the values of ``tensor`` (any shape, any real dtype) to the statistics."""
-        for chunk in _finite_chunks(tensor, self):
-            self.minimum = min(self.minimum, float(chunk.min()))
-            self.maximum = max(self.maximum, float(chunk.max()))
-            self.count += chunk.size
-            self._observe_values(chunk)
+    def observe(self, tensor: torch.Tensor, sample_limit: int | None = None) -> None:
+        """Add the values of ``tensor`` (any shape, any real dtype) to the statistics.
+
+        Args:
+            tensor: the values.
+            sample_limit: when the tensor holds more finite values than this, the extremes and the
+                count still use all of them but the histogram of a histogram observer counts an
+                evenly strided sample of about this many (the clipping search needs the shape of
+                the distribution, not every value).
+        """
+        for chunk, stride in _finite_chunks(tensor, self, sample_limit):
+            low, high = torch.aminmax(chunk)
+            self.minimum = min(self.minimum, float(low))
+            self.maximum = max(self.maximum, float(high))
+            self.count += chunk.numel()
+            self._observe_values(chunk[::stride] if stride > 1 else chunk)
 
     def range(self) -> tuple[float, float]:
         """The quantisation range ``(low, high)``: within the observed values, with zero, non-zero width.
@@ -103,8 +111,8 @@ class Observer:
         """How many numbers the observer holds; constant in the number and size of observed tensors."""
         return 4 + sum(value.state_size() for value in vars(self).values() if hasattr(value, "state_size"))
 
-    def _observe_values(self, values: np.ndarray) -> None:
-        """Update subclass state with finite float64 ``values`` (1-D, non-empty)."""
+    def _observe_values(self, values: torch.Tensor) -> None:
+        """Update subclass state with finite ``values`` (1-D, non-empty, float32 or float64)."""
 
     def _clipping_range(self) -> tuple[float, float]:
         """The range before trimming to the observed values and widening; the full range by default."""
@@ -138,8 +146,8 @@ class HistogramObserver(Observer):
         """A copy of the histogram of everything observed so far."""
         return self._histogram.snapshot()
 
-    def _observe_values(self, values: np.ndarray) -> None:
-        self._histogram.add(values)
+    def _observe_values(self, values: torch.Tensor) -> None:
+        self._histogram.add(values.double())
 
 
 class PercentileObserver(HistogramObserver):
@@ -284,8 +292,11 @@ def make_observer(name: str, **options: Any) -> Observer:
         raise TargetError(f"observer {name!r}: {error}") from error
 
 
-def _finite_chunks(tensor: torch.Tensor, observer: Observer):
-    """Yield the finite values of ``tensor`` as float64 arrays of at most ``_CHUNK`` elements.
+def _finite_chunks(tensor: torch.Tensor, observer: Observer, sample_limit: int | None = None):
+    """Yield ``(values, stride)``: the finite values of ``tensor``, piece by piece.
+
+    Pieces hold at most ``_CHUNK * stride`` values (float32, or float64 for integer tensors);
+    ``stride`` samples about ``sample_limit`` values over the whole tensor.
 
     Non-finite values are counted on ``observer.non_finite`` and skipped.
     """
@@ -293,12 +304,18 @@ def _finite_chunks(tensor: torch.Tensor, observer: Observer):
         raise TypeError(f"{type(observer).__name__}.observe() takes a tensor, got {type(tensor).__name__}")
     if tensor.is_complex():
         raise TypeError(f"{type(observer).__name__}.observe() cannot range complex values ({tensor.dtype})")
-    for chunk in tensor.detach().reshape(-1).split(_CHUNK):
-        values = chunk.to("cpu", torch.float64).numpy()
-        finite = values[np.isfinite(values)]
-        observer.non_finite += values.size - finite.size
-        if finite.size:
-            yield finite
+    flat = tensor.detach().reshape(-1)
+    stride = max(1, flat.numel() // sample_limit) if sample_limit else 1
+    if not flat.dtype.is_floating_point or flat.dtype == torch.float16 or flat.dtype == torch.bfloat16:
+        flat = flat.double() if not flat.dtype.is_floating_point else flat.float()
+    for chunk in flat.split(_CHUNK * stride):
+        values = chunk.cpu()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            observer.non_finite += int((~finite).sum())
+            values = values[finite]
+        if values.numel():
+            yield values, stride
 
 
 def _channel_rows(tensor: torch.Tensor, axis: int, known: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""``calibrate``: observe every tensor the placement plan will quantise, over the calibration data.
+
+The graph runs batch by batch through an interpreter; each planned tensor feeds a streaming
+observer (histograms, never stored activations), so memory does not grow with the number of
+samples. The chosen range of each tensor goes into ``node.meta[QUANT_RANGE]``; the graph itself is
+untouched, so the pass reports ``modified=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from compiler import ir, meta
+from compiler.errors import CalibrationDataError, PassError
+from compiler.pass_base import Pass, PassContext, PassResult
+from passes.quant.calibration_data import CalibrationBatches
+from passes.quant.observers import Observer, make_observer
+from passes.quant.plan import plan_quantization
+
+logger = logging.getLogger(__name__)
+
+
+class _ObservingInterpreter(fx.Interpreter):
+    """Runs the graph and hands the outputs of the watched nodes to their observers."""
+
+    def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, Observer], sample_limit: int | None):
+        super().__init__(gm)
+        self.observers, self.sample_limit = observers, sample_limit
+
+    def run_node(self, node: fx.Node) -> Any:
+        """Run one node; observe its output when it is watched."""
+        value = super().run_node(node)
+        observer = self.observers.get(node)
+        if observer is not None:
+            observer.observe(value, self.sample_limit)
+        return value
+
+
+class Calibrate(Pass):
+    """Observe the tensors to quantise and record each one's range (metadata only)."""
+
+    name = "calibrate"
+    exact = True
+    needs_calibration = True
+    default_options = {
+        "observer": "mse", "observer_options": {}, "overrides": {}, "batch_size": 32, "sample_limit": 1 << 18,
+    }
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Calibration needs validated data and a placement policy."""
+        super().requires(gm, ctx)
+        if not isinstance(ctx.calibration_data, CalibrationBatches):
+            raise CalibrationDataError(
+                f"target {ctx.target_name!r} calibrates, so it needs calibration_data: a few hundred "
+                "representative inputs shaped like the example inputs"
+            )
+        if ctx.quant_policy is None:
+            raise PassError(f"pass {self.name!r} needs the target's quantisation policy")
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Run the calibration batches and write every planned tensor's range."""
+        plan = plan_quantization(gm, ctx.quant_policy)
+        observers = {node: self._observer(node) for node in plan.activations}
+        interpreter = _ObservingInterpreter(gm, observers, self.options["sample_limit"])
+        samples = 0
+        with torch.no_grad():
+            for batch in ctx.calibration_data:
+                for chunk in _chunks(batch, self.options["batch_size"]):
+                    interpreter.run(*chunk)
+                    samples += chunk[0].shape[0] if chunk and chunk[0].dim() else 1
+        kinds = Counter()
+        for node, observer in observers.items():
+            node.meta[meta.QUANT_RANGE] = _range_record(node, observer)
+            kinds[observer.name] += 1
+        return PassResult(gm, modified=False, stats={
+            "tensors": len(observers), "samples": samples, "observers": dict(kinds),
+            "data": ctx.calibration_data.summary(),
+        })
+
+    def _observer(self, node: fx.Node) -> Observer:
+        """The observer for ``node``: the pass's default, or the override for its module path."""
+        path = ir.module_path(node)
+        spec = self.options["overrides"].get(path) or self.options["overrides"].get(node.name)
+        name = spec if isinstance(spec, str) else (spec or {}).get("observer", self.options["observer"])
+        options = dict(self.options["observer_options"]) if name == self.options["observer"] else {}
+        return make_observer(name, **options)
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        """Every range is finite and non-empty."""
+        for node in gm.graph.nodes:
+            record = node.meta.get(meta.QUANT_RANGE)
+            if record is not None and not record["high"] > record["low"]:
+                raise PassError(f"calibrated range of {node.name} is empty: {record}")
+
+
+def _range_record(node: fx.Node, observer: Observer) -> dict[str, Any]:
+    try:
+        low, high = observer.range()
+    except ValueError as error:
+        raise PassError(
+            f"tensor {node.name} (module {ir.module_path(node) or '<root>'!r}) was never observed with a finite "
+            f"value during calibration: {error}. Check that the calibration data reach this layer"
+        ) from error
+    return {"low": float(low), "high": float(high), "observer": observer.name,
+            "min": float(observer.minimum), "max": float(observer.maximum)}
+
+
+def _chunks(batch: tuple[torch.Tensor, ...], size: int):
+    """Split a batch along dimension 0 into pieces of at most ``size`` samples."""
+    count = batch[0].shape[0] if batch and batch[0].dim() else 1
+    if count <= size:
+        yield batch
+        return
+    for start in range(0, count, size):
+        yield tuple(tensor[start:start + size] for tensor in batch)

@@ -1,0 +1,247 @@
+"""``insert_qdq``: quantise the planned tensors and weights with the IR's quantisation ops.
+
+Activations are quantised per tensor (asymmetric, unsigned or signed as the policy says) from the
+ranges ``calibrate`` recorded, with ``fxpress::quantize_dequantize``. Weights become int8 tensors,
+per output channel and symmetric with 8 or 7 bits, read through ``fxpress::dequantize_per_channel``;
+biases become int32 on the grid ``scale_input * scale_weight`` the runtime uses. The result is
+both the torch simulation of the int8 model and, once exported, QuantizeLinear/DequantizeLinear
+pairs around integer weights (:mod:`backends.quant_translations`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from compiler import ir, meta
+from compiler.errors import PassError
+from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
+from passes.quant.plan import ActivationPoint, WeightPoint, plan_quantization
+from passes.quant.policy import WEIGHTED, QuantPolicy
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+FAKE_QUANT_TENSOR = QUANTIZE_DEQUANTIZE
+_SMALLEST_SCALE = 1e-12
+
+
+def activation_qparams(low: float, high: float, policy: QuantPolicy) -> tuple[float, int]:
+    """(scale, zero point) of the affine grid over ``[low, high]`` (which holds zero) in the policy's range.
+
+    The scale is rounded to float32, the precision the runtime stores it in.
+    """
+    qmin, qmax = policy.activation_range
+    scale = float(torch.tensor(max((high - low) / (qmax - qmin), _SMALLEST_SCALE), dtype=torch.float32))
+    zero_point = int(min(max(round(qmin - low / scale), qmin), qmax))
+    return scale, zero_point
+
+
+def weight_scales(weight: torch.Tensor, axis: int, largest: int) -> torch.Tensor:
+    """Per-channel symmetric scales: the channel's largest magnitude over ``largest`` integer steps."""
+    dims = [dim for dim in range(weight.dim()) if dim != axis % weight.dim()]
+    amax = weight.detach().abs().amax(dim=dims) if dims else weight.detach().abs()
+    return (amax.double() / largest).clamp(min=_SMALLEST_SCALE).float()
+
+
+def sum_preserving_round(weight: torch.Tensor, scales: torch.Tensor, axis: int, largest: int) -> torch.Tensor:
+    """Round ``weight / scale`` to integers so that each channel's sum (its DC gain) stays within half a step.
+
+    Plain rounding can move a channel's sum by many steps: an edge filter whose weights cancel
+    (sum near 0, large magnitudes) then gains a DC response that the next layers amplify. Here
+    each channel first rounds to nearest, then moves the ``k`` entries whose rounding residuals
+    lie closest to the other side by one step, ``k`` being the rounded sum error: the smallest
+    change of the entries that restores the sum (each entry stays within one step of its value).
+    """
+    rows = (weight.detach().double().movedim(axis, 0).reshape(weight.shape[axis], -1)
+            / scales.double().reshape(-1, 1))
+    integers = torch.round(rows).clamp(-largest, largest)
+    missing = torch.round(rows.sum(dim=1) - integers.sum(dim=1)).long()
+    residual = rows - integers  # > 0: rounded down
+    order = torch.argsort(residual, dim=1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order))
+    up = (rank < missing.clamp(min=0).unsqueeze(1)) & (integers < largest)
+    down = (rank >= rows.shape[1] + missing.clamp(max=0).unsqueeze(1)) & (integers > -largest)
+    integers = integers + up.double() - down.double()
+    shape = list(weight.movedim(axis, 0).shape)
+    return integers.reshape(shape).movedim(0, axis).to(torch.int8)
+
+
+class InsertQDQ(Pass):
+    """Insert fake-quantise ops for every planned activation, weight and bias."""
+
+    name = "insert_qdq"
+    exact = False
+    default_options: dict[str, Any] = {}
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Needs the policy, and a calibrated range on every tensor the plan quantises."""
+        super().requires(gm, ctx)
+        if ctx.quant_policy is None:
+            raise PassError(f"pass {self.name!r} needs the target's quantisation policy")
+        missing = [node.name for node in plan_quantization(gm, ctx.quant_policy).activations
+                   if meta.QUANT_RANGE not in node.meta]
+        if missing:
+            raise PassError(
+                f"{len(missing)} tensor(s) to quantise have no calibrated range ({', '.join(missing[:5])}); "
+                "run 'calibrate' with the same policy before 'insert_qdq'"
+            )
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite the graph; one ledger row per quantised tensor."""
+        policy = ctx.quant_policy
+        plan = plan_quantization(gm, policy)
+        layers = [_activation_row(point, _quantize_activation(gm, point, policy))
+                  for point in plan.activations.values()]
+        quantized_weights: dict[fx.Node, fx.Node] = {}
+        for point in plan.weights:
+            layers.append(_quantize_weight(gm, point, policy, quantized_weights, _input_scale(point, policy)))
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult(gm, modified=bool(layers), stats={
+            "activations": len(plan.activations), "weights": len(plan.weights),
+            "integer_ops": len(plan.integer_ops), "policy": policy.to_dict(), "layers": layers,
+        })
+
+
+def _quantize_activation(gm: fx.GraphModule, point: ActivationPoint, policy: QuantPolicy) -> fx.Node:
+    source = point.source
+    record = source.meta[meta.QUANT_RANGE]
+    scale, zero_point = activation_qparams(record["low"], record["high"], policy)
+    qmin, qmax = policy.activation_range
+    with gm.graph.inserting_after(source):
+        fake_quant = gm.graph.call_function(FAKE_QUANT_TENSOR, (source, scale, zero_point, qmin, qmax))
+    _inherit_meta(fake_quant, source)
+    fake_quant.meta[meta.QUANT_PARAMS] = {
+        "scale": scale, "zero_point": zero_point, "dtype": policy.activation_dtype, "kind": "activation",
+    }
+    if point.all_users:
+        source.replace_all_uses_with(fake_quant, delete_user_cb=lambda user: user is not fake_quant)
+    else:
+        for user, index, position in point.edges:
+            _rewire(user, index, position, fake_quant)
+    return fake_quant
+
+
+def _rewire(user: fx.Node, index: int, position: int | None, value: fx.Node) -> None:
+    args = list(user.args)
+    if position is None:
+        args[index] = value
+    else:
+        items = list(args[index])
+        items[position] = value
+        args[index] = items
+    user.args = tuple(args)
+
+
+def _input_scale(point: WeightPoint, policy: QuantPolicy) -> float | None:
+    """The scale of the fake-quantiser feeding the op's activation input, through pass-through ops."""
+    value = point.op.args[WEIGHTED[ir.op_name(point.op)][0]]
+    while isinstance(value, fx.Node) and value.target is not FAKE_QUANT_TENSOR and policy.role(value) == "passthrough":
+        value = value.args[0]
+    if isinstance(value, fx.Node) and value.target is FAKE_QUANT_TENSOR:
+        return value.meta[meta.QUANT_PARAMS]["scale"]
+    return None
+
+
+def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy,
+                     done: dict[fx.Node, fx.Node], input_scale: float | None) -> dict[str, Any]:
+    weight = ir.get_attribute(gm, point.weight.target).detach()
+    largest = _weight_largest(point, weight, policy)
+    scales = _fit_bias(gm, point, weight_scales(weight, point.axis, largest), input_scale)
+    if point.weight not in done:
+        integers = sum_preserving_round(weight, scales, point.axis, largest)
+        done[point.weight] = _dequantized(gm, point.weight, integers, scales, point.axis, point.op)
+        done[point.weight].meta[meta.QUANT_PARAMS] = {"kind": "weight", "axis": point.axis,
+                                                      "largest": largest, "dtype": "int8"}
+    point.op.replace_input_with(point.weight, done[point.weight])
+    return {
+        "tensor": point.weight.target, "module_path": ir.module_path(point.op), "kind": "weight",
+        "scale": [float(scales.min()), float(scales.max())], "bits": 8 if largest == 127 else 7,
+        "range": [float(weight.min()), float(weight.max())], "calibrator": "minmax_per_channel",
+        "bias": _quantize_bias(gm, point, scales, input_scale),
+    }
+
+
+def _weight_largest(point: WeightPoint, weight: torch.Tensor, policy: QuantPolicy) -> int:
+    """127 for depthwise convolutions (the runtime's depthwise kernels accumulate in int32), else the policy's."""
+    groups = point.op.args[6] if ir.op_name(point.op).startswith("aten.conv") and len(point.op.args) > 6 else 1
+    depthwise = groups > 1 and weight.shape[1] == 1
+    return 2 ** (policy.depthwise_weight_bits - 1) - 1 if depthwise else policy.weight_max
+
+
+def _fit_bias(gm: fx.GraphModule, point: WeightPoint, scales: torch.Tensor, input_scale: float | None) -> torch.Tensor:
+    """Raise the scale of near-empty channels so that their bias still fits int32 (``|b| / step < 2**30``).
+
+    A channel whose weights are all (nearly) zero gets a tiny scale, and its bias, divided by
+    ``input_scale * scale``, would overflow int32; a larger scale costs it nothing.
+    """
+    bias = _bias_node(point)
+    if bias is None or input_scale is None:
+        return scales
+    needed = ir.get_attribute(gm, bias.target).detach().abs().double() / (input_scale * 2.0**30)
+    return torch.maximum(scales.double(), needed).float()
+
+
+def _bias_node(point: WeightPoint) -> fx.Node | None:
+    bias = point.op.args[2] if len(point.op.args) > 2 else point.op.kwargs.get("bias")
+    return bias if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+
+
+def _dequantized(gm: fx.GraphModule, original: fx.Node, integers: torch.Tensor, scales: torch.Tensor, axis: int,
+                 before: fx.Node) -> fx.Node:
+    """``dequantize_per_channel(integers, scales)`` standing for ``original``, placed before ``before``."""
+    base = original.target
+    integer_node = ir.add_get_attr(gm, f"{base}_quantized", integers, before=before)
+    scale_node = ir.add_get_attr(gm, f"{base}_scale", scales, before=before)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(DEQUANTIZE_PER_CHANNEL, (integer_node, scale_node, axis))
+    _inherit_meta(node, before)
+    if meta.VAL in original.meta:
+        node.meta[meta.VAL] = original.meta[meta.VAL]
+    return node
+
+
+def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _quantize_bias(gm: fx.GraphModule, point: WeightPoint, scales: torch.Tensor, input_scale: float | None) -> str:
+    """An int32 bias on the runtime's grid (step ``input_scale * weight_scale``), as QLinearConv reads it."""
+    bias = _bias_node(point)
+    if bias is None:
+        return "none"
+    if input_scale is None:
+        return "float (input not quantised)"
+    value = ir.get_attribute(gm, bias.target).detach()
+    step = (scales.double() * input_scale).float()
+    integers = torch.round(value.double() / step.double())
+    if integers.abs().max() >= 2**31:
+        return "float (int32 overflow)"
+    node = _dequantized(gm, bias, integers.to(torch.int32), step, 0, point.op)
+    node.meta[meta.QUANT_PARAMS] = {"kind": "bias", "dtype": "int32"}
+    point.op.replace_input_with(bias, node)
+    return "int32"
+
+
+def _inherit_meta(node: fx.Node, source: fx.Node) -> None:
+    for key in (meta.VAL, meta.NN_MODULE_STACK, meta.MODULE_PATH, meta.MODULE_TYPE):
+        if key in source.meta:
+            node.meta[key] = source.meta[key]
+
+
+def _activation_row(point: ActivationPoint, fake_quant: fx.Node) -> dict[str, Any]:
+    record, params = point.source.meta[meta.QUANT_RANGE], fake_quant.meta[meta.QUANT_PARAMS]
+    return {
+        "tensor": point.source.name, "module_path": ir.module_path(point.source), "kind": "activation",
+        "scale": params["scale"], "zero_point": params["zero_point"], "dtype": params["dtype"],
+        "range": [record["low"], record["high"]], "observed": [record["min"], record["max"]],
+        "calibrator": record["observer"], "why": point.reasons,
+    }

@@ -51,6 +51,12 @@ def _to_numpy(spec, value: object) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+#: ONNX Runtime rewrites a float Conv/Gemm that sits between DequantizeLinear and QuantizeLinear into
+#: an integer kernel by quantising its float weights itself (8-bit, unchecked for saturation). That
+#: undoes the layers fxpress keeps in float on purpose, so sessions run without it.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+
 def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0) -> ort.InferenceSession:
     """A CPU session at graph optimisation ``level`` (disable, basic, extended, all)."""
     if level not in _LEVELS:
@@ -59,7 +65,8 @@ def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: in
     options.graph_optimization_level = _LEVELS[level]
     options.intra_op_num_threads = threads
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -90,6 +97,7 @@ class OnnxRuntimeBackend(Backend):
             "onnx_nodes": len(model.graph.node), "seconds": time.perf_counter() - started,
             "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
             "graph_optimization_level": self.options["graph_optimization_level"],
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS),
         }
         return Lowered(model, runner, info)
 

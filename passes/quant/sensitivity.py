@@ -6,6 +6,8 @@ the model's output against float ranks the ops. Then, with everything quantised,
 ops move back to float one by one until the budget holds: the model output's SQNR is at least
 ``min_sqnr_db`` and its drop against float is at most ``max_drop`` (top-1 disagreement for
 ``metric="top1"``, ``1 - mean cosine`` for ``metric="cosine"``), or ``max_float`` ops are float.
+Ops whose multiply-accumulates would take the float share past ``max_float_macs`` are skipped, so
+at least ``1 - max_float_macs`` of the work stays in integer kernels.
 
 Decisions go into ``node.meta[QUANT_DECISION]`` (the policy keeps those ops in float); the graph
 itself is untouched, so the pass reports ``modified=False``. The ledger lists every op with its
@@ -131,8 +133,8 @@ class QuantSensitivity(Pass):
 
     name = "quant_sensitivity"
     exact = True
-    default_options = {"samples": 32, "metric": "cosine", "max_drop": None, "min_sqnr_db": None,
-                       "max_float": 16}
+    default_options = {"samples": 8, "metric": "cosine", "max_drop": None, "min_sqnr_db": None,
+                       "max_float": 16, "max_float_macs": 0.1}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -172,16 +174,25 @@ class QuantSensitivity(Pass):
                 "sqnr_db": _sqnr(output, reference)}
 
     def _fallback(self, simulation, plan, rows, batch, reference) -> tuple[dict[str, fx.Node], dict[str, Any]]:
+        """Move the most harmful ops to float until the budget holds, within the float MAC share allowed."""
         by_name = {op.name: op for op in plan.integer_ops}
-        ranked = sorted(rows, key=lambda row: row["sqnr_db"])
+        total_macs = sum(op.meta.get(meta.MACS, 0) for op in plan.integer_ops) or 1
+        candidates = iter(sorted(rows, key=lambda row: row["sqnr_db"]))
         chosen: dict[str, fx.Node] = {}
+        float_macs = 0
         while True:
             simulation.enabled = set(plan.integer_ops) - set(chosen.values())
             quality = self._quality(_flat(simulation.run(*batch)), reference)
-            if self._holds(quality) or len(chosen) >= min(self.options["max_float"], len(ranked)):
+            quality["float_macs_share"] = float_macs / total_macs
+            if self._holds(quality) or len(chosen) >= self.options["max_float"]:
                 return chosen, quality
-            name = ranked[len(chosen)]["op"]
-            chosen[name] = by_name[name]
+            op = next((by_name[row["op"]] for row in candidates
+                       if (float_macs + by_name[row["op"]].meta.get(meta.MACS, 0)) / total_macs
+                       <= self.options["max_float_macs"]), None)
+            if op is None:
+                return chosen, quality
+            chosen[op.name] = op
+            float_macs += op.meta.get(meta.MACS, 0)
 
     def _quality(self, output: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
         first, expected = output[0].flatten(1).double(), reference[0].flatten(1).double()

@@ -1,0 +1,195 @@
+"""The cpu-int8 target end to end on small models: QDQ structure, integer kernels, simulation, errors."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from backends.onnxruntime import DISABLED_OPTIMIZERS
+from compiler import compile, ir, probe
+from compiler.errors import CalibrationDataError, TargetError
+from compiler.isa import CpuIsa, int8_format
+from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
+from compiler.targets import get_target
+from passes.quant.insert_qdq import sum_preserving_round, weight_scales
+from passes.quant.policy import make_policy
+from tests.support import randomize_batch_norm
+
+
+class ResidualNet(nn.Module):
+    """Conv-BN-ReLU6, a depthwise conv, a residual add, pooling and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6())
+        self.project = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.project(self.depthwise(y))
+        return self.head(nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norm(ResidualNet())
+
+
+def _data(count: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 3, 16, 16, generator=generator) * 2 - 1
+
+
+def _target(**quant_policy):
+    """cpu-int8 without the sensitivity fallback, so every op is quantised, with policy overrides."""
+    base = get_target("cpu-int8")
+    pipeline = tuple(spec for spec in base.pipeline if spec.name != "quant_sensitivity")
+    return dataclasses.replace(base, pipeline=pipeline, quant_policy={**base.quant_policy, **quant_policy})
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile(_model(), _target(), _data(1, 0), calibration_data=[_data(32, 1)])
+
+
+def _ops(gm, target):
+    return [node for node in gm.graph.nodes if node.target is target]
+
+
+def test_every_conv_and_linear_reads_int8_weights_and_quantised_inputs(compiled):
+    gm = compiled.graph_module
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and str(node.target) in ("aten.conv2d.default", "aten.linear.default"):
+            weight = node.args[1]
+            assert weight.target is DEQUANTIZE_PER_CHANNEL, node.name
+            assert ir.get_attribute(gm, weight.args[0].target).dtype == torch.int8
+            bias = node.args[2]
+            assert bias.target is DEQUANTIZE_PER_CHANNEL
+            assert ir.get_attribute(gm, bias.args[0].target).dtype == torch.int32
+            source = node.args[0]
+            while source.target is not QUANTIZE_DEQUANTIZE and source.op == "call_function":
+                source = source.args[0]  # pad, view, flatten: pass-through
+            assert source.target is QUANTIZE_DEQUANTIZE, f"{node.name} reads an unquantised input"
+
+
+def test_relu6_is_fused_into_the_output_quantiser(compiled):
+    for node in _ops(compiled.graph_module, QUANTIZE_DEQUANTIZE):
+        producer = node.args[0]
+        assert "conv2d" not in str(producer.target) or not any(
+            "hardtanh" in str(user.target) for user in producer.users), "a quantiser sits between conv and ReLU6"
+        if "hardtanh" in str(producer.target):
+            assert node.args[2] == 0, "a ReLU6 output must have zero point 0 (unsigned) so the clip folds away"
+
+
+def test_logits_stay_float_and_weights_use_the_isa_bit_width(compiled):
+    output = next(node for node in compiled.graph_module.graph.nodes if node.op == "output")
+    assert output.args[0][0].target is not QUANTIZE_DEQUANTIZE
+    bits = int8_format().weight_bits
+    layers = {row["tensor"]: row for row in compiled.report.entry("insert_qdq").stats["layers"]}
+    assert layers["depthwise.0.weight"]["bits"] == 8  # depthwise kernels accumulate in int32
+    assert layers["project.weight"]["bits"] == bits
+    assert compiled.report.capture["isa"]["int8_format"]["weight_bits"] == bits
+
+
+def test_onnx_runtime_runs_every_conv_on_integers(compiled, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(compiled.onnx.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == 0, ops
+    assert ops["QLinearAdd"] == 1, ops
+    weights = [init for init in compiled.onnx.graph.initializer if init.name.endswith("weight_quantized")]
+    assert weights and all(init.data_type == onnx.TensorProto.INT8 for init in weights)
+
+
+def test_simulation_matches_onnx_runtime_within_one_step(compiled):
+    inputs = _data(64, 7)
+    runtime, simulated = compiled(inputs), compiled.simulate(inputs)
+    assert probe.within_steps((runtime,), (simulated,), 1.0) >= 0.999
+    assert compiled.report.lowering["simulation_agreement"]["fraction"] >= 0.999
+
+
+def test_int8_stays_close_to_float():
+    model = _model()
+    compiled = compile(model, _target(), _data(1, 0), calibration_data=[_data(64, 1)])
+    inputs = _data(64, 9)
+    with torch.no_grad():
+        reference = model(inputs)
+    assert probe.drift((compiled(inputs),), (reference,)).sqnr_db > 25
+
+
+def test_float_module_override_keeps_that_conv_float():
+    compiled = compile(_model(), _target(float_modules=["project"]), _data(1, 0), calibration_data=[_data(16, 1)])
+    conv = next(node for node in compiled.graph_module.graph.nodes
+                if node.meta.get("fxpress_module_path") == "project" and "conv2d" in str(node.target))
+    weight = ir.get_attribute(compiled.graph_module, conv.args[1].target)
+    assert conv.args[1].op == "get_attr" and weight.dtype == torch.float32
+
+
+def test_sensitivity_ranks_every_integer_op_with_its_module_path():
+    target = dataclasses.replace(get_target("cpu-int8"))
+    compiled = compile(_model(), target, _data(1, 0), calibration_data=[_data(16, 1)])
+    rows = compiled.report.entry("quant_sensitivity").stats["layers"]
+    assert {row["module_path"] for row in rows} >= {"stem.0", "depthwise.0", "project", "head"}
+    assert all(row["decision"] in ("int8", "float") and row["sqnr_db"] > 0 for row in rows)
+
+
+def test_missing_calibration_data_is_a_typed_error():
+    with pytest.raises(CalibrationDataError, match="needs calibration_data"):
+        compile(_model(), "cpu-int8", _data(1, 0))
+
+
+def test_badly_shaped_calibration_data_names_the_input():
+    with pytest.raises(CalibrationDataError, match="input 'x'"):
+        compile(_model(), "cpu-int8", _data(1, 0), calibration_data=[torch.rand(4, 3, 16)])
+
+
+def test_unknown_policy_field_is_a_target_error():
+    with pytest.raises(TargetError, match="no field"):
+        make_policy({"base": "onnxruntime-cpu", "colour": "red"})
+
+
+def test_int8_format_follows_vnni():
+    assert int8_format(CpuIsa("x86_64", True, ("avx512_vnni",), "test")).weight_bits == 8
+    assert int8_format(CpuIsa("x86_64", False, ("avx2",), "test")).weight_bits == 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(0, 10_000), st.sampled_from([63, 127]))
+def test_sum_preserving_round_keeps_channel_sums_within_half_a_step(channels, width, seed, largest):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, width, generator=generator)
+    weight -= weight.mean(dim=1, keepdim=True) * (seed % 2)  # half the cases: zero-sum (edge) filters
+    scales = weight_scales(weight, 0, largest)
+    integers = sum_preserving_round(weight, scales, 0, largest).double()
+    exact = weight.double() / scales.double().unsqueeze(1)
+    assert integers.abs().max() <= largest
+    assert (integers - exact).abs().max() < 1.0 + 1e-9
+    assert (integers.sum(dim=1) - exact.sum(dim=1)).abs().max() <= 0.5 + 1e-6 or width * largest < 1
+
+
+def test_quantisation_op_matches_onnx_quantize_linear():
+    values = torch.linspace(-3, 3, 1001)
+    simulated = QUANTIZE_DEQUANTIZE(values, 0.0234, 128, 0, 255).numpy()
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1001])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1001])],
+        [onnx.numpy_helper.from_array(np.array(0.0234, np.float32), "s"),
+         onnx.numpy_helper.from_array(np.array(128, np.uint8), "z")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": values.numpy()})[0], simulated)

@@ -90,30 +90,69 @@ def _target_steps(target: str) -> int:
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @click.option("--strict", is_flag=True, help="Fail (exit 8) if the ledger records any fallback.")
 @click.option("--dump-dir", default=None, help="Write the IR after every pass into this directory.")
+@click.option("--calibration-samples", default=256, show_default=True, type=click.IntRange(1),
+              help="Calibration samples from a zoo model's bundled data, for targets that calibrate.")
+@click.option("--float-module", "float_modules", multiple=True,
+              help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
 @_JSON
-def compile_command(model, target, output, force, strict, dump_dir, as_json) -> None:
+def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
+                    as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
     Examples:
       fxpress compile efficientnet-lite0 -o out/
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
+      fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api, model_source
     from compiler.artifact import check_destination
 
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
+    chosen = _with_float_modules(target, float_modules)
+    calibration = _calibration(source, chosen, calibration_samples)
     with _progress(_target_steps(target), f"compiling {source.name}") as step:
-        compiled = api.compile(source.model, target, source.example_inputs, dump_dir=dump_dir,
-                               dynamic_dims=source.dynamic_dims, model_name=source.name, strict=strict,
-                               progress=step)
+        compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
+                               dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
+                               strict=strict, progress=step)
     directory = compiled.save(output, force=force)
     if as_json:
         click.echo(json.dumps({"artifact": str(directory), "report": compiled.report.to_dict()}, indent=2))
     else:
         click.echo(str(compiled.report))
         click.echo(f"wrote {directory}")
+
+
+def _with_float_modules(target: str, float_modules: tuple[str, ...]):
+    """The target, with module paths kept in float added to its quantisation policy."""
+    import dataclasses
+
+    from compiler.errors import UsageError
+    from compiler.targets import get_target
+
+    chosen = get_target(target)
+    if not float_modules:
+        return chosen
+    if not chosen.quant_policy:
+        raise UsageError(f"--float-module applies to quantising targets; {target!r} does not quantise")
+    policy = {**chosen.quant_policy, "float_modules": list(float_modules)}
+    return dataclasses.replace(chosen, quant_policy=policy)
+
+
+def _calibration(source, target, samples: int):
+    """The zoo model's bundled calibration samples when the target calibrates, else None."""
+    from compiler.errors import UsageError
+
+    if "calibrate" not in {spec.name for spec in target.pipeline}:
+        return None
+    if source.zoo_entry is None:
+        raise UsageError(
+            f"target {target.name!r} calibrates and {source.name!r} is not a zoo model with bundled data; "
+            "use the Python API: compile(model, target, example_inputs, calibration_data=batches)"
+        )
+    batch = source.zoo_entry.calibration_data(samples)
+    return [tuple(tensor[start:start + 32] for tensor in batch) for start in range(0, samples, 32)]
 
 
 def _absolute(path: str):

@@ -9,6 +9,7 @@ from passes.cleanup.remove_noops import RemoveNoops
 from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
+from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
 from passes.quant.insert_qdq import InsertQDQ
 from passes.quant.sensitivity import QuantSensitivity
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Pass]] = {
         Calibrate,
         InsertQDQ,
         QuantSensitivity,
+        BiasCorrection,
     )
 }
 

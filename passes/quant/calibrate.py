@@ -31,6 +31,7 @@ class _ObservingInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, observers: dict[fx.Node, Observer], sample_limit: int | None):
         super().__init__(gm)
         self.observers, self.sample_limit = observers, sample_limit
+        self.channel_sums: dict[fx.Node, dict[str, Any]] = {}  # per-channel sums, for bias correction
 
     def run_node(self, node: fx.Node) -> Any:
         """Run one node; observe its output when it is watched."""
@@ -38,7 +39,29 @@ class _ObservingInterpreter(fx.Interpreter):
         observer = self.observers.get(node)
         if observer is not None:
             observer.observe(value, self.sample_limit)
+            self._add_channel_sums(node, value)
         return value
+
+    def _add_channel_sums(self, node: fx.Node, value: torch.Tensor) -> None:
+        """Sum each channel (dimension 1 of NCHW tensors; the last dimension of others) and count."""
+        if value.dim() < 2 or not value.is_floating_point():
+            return
+        record = self.channel_sums.setdefault(node, {"conv": 0.0, "linear": 0.0, "conv_count": 0, "linear_count": 0})
+        data = value.detach()
+        if data.dim() == 4:  # NCHW, read by convolutions
+            record["conv"] = record["conv"] + data.sum(dim=(0, 2, 3), dtype=torch.float64)
+            record["conv_count"] += data.numel() // data.shape[1]
+        else:  # (batch, features) or (batch, sequence, features), read by linear layers
+            record["linear"] = record["linear"] + data.reshape(-1, data.shape[-1]).sum(dim=0, dtype=torch.float64)
+            record["linear_count"] += data.numel() // data.shape[-1]
+
+    def channel_means(self, node: fx.Node) -> dict[str, list[float]]:
+        """Mean of every channel of ``node``'s output over the calibration data, both layouts."""
+        record = self.channel_sums.get(node)
+        if record is None:
+            return {}
+        return {kind: (record[kind] / record[f"{kind}_count"]).float().tolist()
+                for kind in ("conv", "linear") if record[f"{kind}_count"]}
 
 
 class Calibrate(Pass):
@@ -75,7 +98,8 @@ class Calibrate(Pass):
                     samples += chunk[0].shape[0] if chunk and chunk[0].dim() else 1
         kinds = Counter()
         for node, observer in observers.items():
-            node.meta[meta.QUANT_RANGE] = _range_record(node, observer)
+            node.meta[meta.QUANT_RANGE] = {**_range_record(node, observer),
+                                           "channel_mean": interpreter.channel_means(node)}
             kinds[observer.name] += 1
         return PassResult(gm, modified=False, stats={
             "tensors": len(observers), "samples": samples, "observers": dict(kinds),

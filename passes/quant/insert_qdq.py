@@ -152,7 +152,7 @@ def _input_scale(point: WeightPoint, policy: QuantPolicy) -> float | None:
 def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy,
                      done: dict[fx.Node, fx.Node], input_scale: float | None) -> dict[str, Any]:
     weight = ir.get_attribute(gm, point.weight.target).detach()
-    largest = _weight_largest(point, weight, policy)
+    largest = weight_largest(point.op, weight, policy)
     scales = _fit_bias(gm, point, weight_scales(weight, point.axis, largest), input_scale)
     if point.weight not in done:
         integers = sum_preserving_round(weight, scales, point.axis, largest)
@@ -168,9 +168,9 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
     }
 
 
-def _weight_largest(point: WeightPoint, weight: torch.Tensor, policy: QuantPolicy) -> int:
+def weight_largest(op: fx.Node, weight: torch.Tensor, policy: QuantPolicy) -> int:
     """127 for depthwise convolutions (the runtime's depthwise kernels accumulate in int32), else the policy's."""
-    groups = point.op.args[6] if ir.op_name(point.op).startswith("aten.conv") and len(point.op.args) > 6 else 1
+    groups = op.args[6] if ir.op_name(op).startswith("aten.conv") and len(op.args) > 6 else 1
     depthwise = groups > 1 and weight.shape[1] == 1
     return 2 ** (policy.depthwise_weight_bits - 1) - 1 if depthwise else policy.weight_max
 

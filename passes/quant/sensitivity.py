@@ -186,9 +186,8 @@ class QuantSensitivity(Pass):
             quality["float_macs_share"] = float_macs / total_macs
             if self._holds(quality) or len(chosen) >= self.options["max_float"]:
                 return chosen, quality
-            op = next((by_name[row["op"]] for row in candidates
-                       if (float_macs + by_name[row["op"]].meta.get(meta.MACS, 0)) / total_macs
-                       <= self.options["max_float_macs"]), None)
+            op = next((by_name[row["op"]] for row in candidates if _affordable(
+                by_name[row["op"]], float_macs, total_macs, self.options["max_float_macs"])), None)
             if op is None:
                 return chosen, quality
             chosen[op.name] = op
@@ -208,6 +207,16 @@ class QuantSensitivity(Pass):
             return True
         return (max_drop is None or quality["drop"] <= max_drop) and (
             min_sqnr is None or quality["sqnr_db"] >= min_sqnr)
+
+
+def _affordable(op: fx.Node, float_macs: int, total_macs: int, share: float) -> bool:
+    """A weighted op whose MACs keep the float share within ``share``.
+
+    Ops without MACs (residual adds, pooling) stay on integers: in float they would cost a
+    dequantise, a float op and a quantise (and layout changes) for no accuracy the convs lack.
+    """
+    macs = op.meta.get(meta.MACS, 0)
+    return macs > 0 and (float_macs + macs) / total_macs <= share
 
 
 def _first_samples(batches, count: int) -> tuple[torch.Tensor, ...]:

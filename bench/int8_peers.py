@@ -235,17 +235,32 @@ def ort_quantize_dynamic(fp32: dict[int, bytes], workdir: Path) -> dict[int, byt
     return quantized
 
 
+def fxpress_target(max_float_macs: float | None):
+    """cpu-int8, or cpu-int8 with another float-MAC budget for its sensitivity fallback."""
+    import dataclasses
+
+    from compiler.targets import PassSpec, get_target
+
+    target = get_target("cpu-int8")
+    if max_float_macs is None:
+        return target
+    pipeline = tuple(
+        PassSpec(spec.name, {**spec.options, "max_float_macs": max_float_macs}) if spec.name == "quant_sensitivity"
+        else spec for spec in target.pipeline)
+    return dataclasses.replace(target, pipeline=pipeline)
+
+
 def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
-                     timing_inputs: dict[int, tuple]) -> Pipeline:
+                     timing_inputs: dict[int, tuple], max_float_macs: float | None = None) -> Pipeline:
     """The public API, target cpu-int8, timed through its ONNX Runtime model."""
     from compiler import TargetError, compile
     from compiler.model_source import resolve
 
-    row = "fxpress cpu-int8"
+    row = "fxpress cpu-int8" + ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs")
     source = resolve(name)  # a fresh module: the peers' copy is left untouched
     started = time.perf_counter()
     try:
-        compiled = compile(source.model, target="cpu-int8", example_inputs=source.example_inputs,
+        compiled = compile(source.model, target=fxpress_target(max_float_macs), example_inputs=source.example_inputs,
                            calibration_data=calibration, dynamic_dims=source.dynamic_dims, model_name=name)
     except TargetError as error:
         return unavailable(row, _reason(error))
@@ -406,7 +421,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             return row
 
         pipelines.append(guarded(peer, build_peer))
-    pipelines.append(guarded("fxpress cpu-int8", lambda: fxpress_pipeline(name, calibration_batches, timing_inputs)))
+    for budget in args.float_macs or [None]:
+        pipelines.append(guarded("fxpress cpu-int8", lambda budget=budget: fxpress_pipeline(
+            name, calibration_batches, timing_inputs, budget)))
     if name == "efficientnet-lite0":
         if args.no_pt2e:
             pipelines.append(unavailable("pt2e-x86-inductor", "skipped (--no-pt2e)"))
@@ -522,6 +539,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60, help="timed runs per pipeline and batch (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="sentence encoder sequence length (128)")
+    parser.add_argument("--float-macs", type=float, nargs="+", default=None,
+                        help="fxpress rows with these float-MAC budgets for quant_sensitivity (default: the target's)")
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E row (its torch.compile is slow)")
     parser.add_argument("--json", default=None, help="also write every number to this file")
     args = parser.parse_args()

@@ -9,9 +9,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from backends.dynamic_quant import quantize_dynamic_linears
 from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import ArtifactError, TargetError, UsageError
+from compiler.isa import int8_format
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -73,7 +75,9 @@ class OnnxRuntimeBackend(Backend):
     """Lower to ONNX and run with ONNX Runtime's CPU execution provider."""
 
     name = "onnxruntime"
-    default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0}
+    # dynamic_quantization: Linear layers to int8 DynamicQuantizeMatMul after export (backends.dynamic_quant)
+    default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0,
+                       "dynamic_quantization": False}
     minimum_opset = 17  # LayerNormalization, and the exporter's torchlib, need 17
 
     def __init__(self, **options):
@@ -85,12 +89,15 @@ class OnnxRuntimeBackend(Backend):
             )
 
     def lower(self, request: LoweringRequest) -> Lowered:
-        """Export to ONNX, validate, and open a session."""
+        """Export to ONNX, validate, quantise Linear layers dynamically if asked, and open a session."""
         started = time.perf_counter()
         model = export_onnx(ExportRequest(
             request.graph_module, request.example_inputs, request.input_names,
             request.output_names, request.dynamic_dims, self.options["opset"],
         ))
+        quantization = None
+        if self.options["dynamic_quantization"]:
+            model, quantization = quantize_dynamic_linears(model, int8_format())
         runner = self.load(model)
         info = {
             "backend": self.name, "opset": _opset(model), "ir_version": model.ir_version,
@@ -99,6 +106,8 @@ class OnnxRuntimeBackend(Backend):
             "graph_optimization_level": self.options["graph_optimization_level"],
             "disabled_optimizers": list(DISABLED_OPTIMIZERS),
         }
+        if quantization is not None:
+            info["dynamic_quantization"] = quantization
         return Lowered(model, runner, info)
 
     def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:

@@ -12,7 +12,7 @@ from passes.fusion.mark_activation_fusion import MarkActivationFusion
 from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
 from passes.quant.insert_qdq import InsertQDQ
-from passes.quant.sensitivity import QuantSensitivity
+from passes.quant.quant_sensitivity import QuantSensitivity
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls

@@ -301,7 +301,7 @@ def test_opset_below_the_backend_minimum_is_refused_before_any_work():
 
 def test_unknown_backend_option_is_refused_listing_the_options():
     target = dataclasses.replace(TARGETS["cpu-fp32"], backend_options={"opset": 18, "threads": 4})
-    with pytest.raises(TargetError, match="has no option.* threads; its options: graph_optimization_level"):
+    with pytest.raises(TargetError, match="has no option.* threads; its options: .*graph_optimization_level"):
         compiler.compile(torch.nn.Linear(4, 2).eval(), target, example_inputs=(torch.randn(2, 4),))
 
 

@@ -127,14 +127,23 @@ def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], in
         )
 
 
+_SIMULATION_MIN_COSINE = 0.99  # below this, runtime and simulation disagree by more than rounding
+
+
 def _check_against_simulation(result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict) -> None:
     """A quantised model must match its torch simulation within the target's steps, not fp32 eager."""
     tolerance = result.target.tolerance
     with torch.no_grad():
         simulated = tuple(probe.run_annotated(result.graph_module, result.inputs))
     fraction = probe.within_steps(outputs, simulated, tolerance.steps)
-    info["simulation_agreement"] = {"within_steps": tolerance.steps, "fraction": fraction,
-                                    "drift": probe.drift(outputs, simulated).to_dict()}
+    drift = probe.drift(outputs, simulated)
+    info["simulation_agreement"] = {"within_steps": tolerance.steps, "fraction": fraction, "drift": drift.to_dict()}
+    if drift.cosine < _SIMULATION_MIN_COSINE:
+        raise AccuracyError(
+            f"the {info['backend']} int8 model does not compute what its torch simulation computes (output cosine "
+            f"{drift.cosine:.4f}, {fraction:.2%} of elements within {tolerance.steps:g} step); the lowering is wrong "
+            "for this model: keep the offending layers in float (float_modules) and report it"
+        )
     if fraction < tolerance.fraction:
         # Rounding ties resolve differently in exact integer kernels and in float simulation, and
         # large weights downstream amplify them: recorded (strict mode refuses it), not fatal.

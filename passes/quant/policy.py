@@ -126,9 +126,31 @@ class QuantPolicy:
             return None
         if name in self.weighted_ops and _has_constant_weight(node):
             return "weighted"
-        if name in self.integer_ops and _float_tensor_inputs(node, INTEGER[name]):
+        if name in self.integer_ops and _float_tensor_inputs(node, INTEGER[name]) and self._feeds_integer(node):
             return "integer"
         return None
+
+    def _feeds_integer(self, node: fx.Node) -> bool:
+        """Every reader, through pass-through ops, is a conv, linear or another integer op.
+
+        A weightless op (add, concat, pooling) is worth running on integers only inside an integer
+        region: an add whose result goes to a float op (a LayerNorm after a residual add, the
+        Softmax after adding an attention mask of -3.4e38) stays float.
+        """
+        readers, seen = list(node.users), set()
+        if not readers:
+            return False
+        while readers:
+            reader = readers.pop()
+            if reader in seen:
+                continue
+            seen.add(reader)
+            name = ir.op_name(reader)
+            if name in self.passthrough_ops:
+                readers.extend(reader.users)
+            elif name not in self.weighted_ops and name not in self.integer_ops or self.keeps_float(reader):
+                return False
+        return True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the ledger and the manifest."""

@@ -76,17 +76,20 @@ _CLEANUP = (
     PassSpec("eliminate_dead_code"),
 )
 
+# Cleanup, BatchNorm folding and fusion groups: all of cpu-fp32, and the start of every other target.
+_FP32 = (
+    *_CLEANUP,
+    PassSpec("fold_conv_bn"),
+    PassSpec("fold_linear_bn"),
+    PassSpec("mark_activation_fusion"),
+    PassSpec("eliminate_dead_code"),
+)
+
 TARGETS: Mapping[str, Target] = MappingProxyType({
     "cpu-fp32": Target(
         name="cpu-fp32",
         description="fp32 on ONNX Runtime's CPU provider: cleanup, BatchNorm folding, fusion groups",
-        pipeline=(
-            *_CLEANUP,
-            PassSpec("fold_conv_bn"),
-            PassSpec("fold_linear_bn"),
-            PassSpec("mark_activation_fusion"),
-            PassSpec("eliminate_dead_code"),
-        ),
+        pipeline=_FP32,
         backend="onnxruntime",
         backend_options={"opset": 18, "graph_optimization_level": "all"},
     ),
@@ -95,11 +98,7 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         description="int8 on ONNX Runtime's CPU provider: static QDQ in integer kernels, calibrated, "
                     "format chosen for the CPU's ISA",
         pipeline=(
-            *_CLEANUP,
-            PassSpec("fold_conv_bn"),
-            PassSpec("fold_linear_bn"),
-            PassSpec("mark_activation_fusion"),
-            PassSpec("eliminate_dead_code"),
+            *_FP32,
             PassSpec("calibrate"),
             PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4}),
             PassSpec("bias_correction"),
@@ -115,13 +114,7 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         name="cpu-int8-dynamic",
         description="dynamic int8 Linear layers on ONNX Runtime's CPU provider (DynamicQuantizeMatMul, per-column "
                     "weights, no calibration), for Linear-heavy models such as transformers; the rest in fp32",
-        pipeline=(
-            *_CLEANUP,
-            PassSpec("fold_conv_bn"),
-            PassSpec("fold_linear_bn"),
-            PassSpec("mark_activation_fusion"),
-            PassSpec("eliminate_dead_code"),
-        ),
+        pipeline=_FP32,
         backend="onnxruntime",
         backend_options={"opset": 18, "graph_optimization_level": "all", "dynamic_quantization": True},
         # Compared elementwise with fp32 eager. Int8 activations and 7/8-bit weights err by ~1% of a

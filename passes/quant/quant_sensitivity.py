@@ -28,7 +28,7 @@ from compiler import ir, meta
 from compiler.errors import PassError, TargetError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.quant_ops import quantize_dequantize
-from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_scales
+from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_largest, weight_scales
 from passes.quant.plan import QuantPlan, plan_quantization
 from passes.quant.policy import WEIGHTED, QuantPolicy
 
@@ -97,8 +97,7 @@ class _QuantSimulation(fx.Interpreter):
         if node not in self._dequantized:
             point = self.weights[node]
             weight = args[WEIGHTED[ir.op_name(node)][1]]
-            groups = args[6] if ir.op_name(node).startswith("aten.conv") and len(args) > 6 else 1
-            largest = 127 if groups > 1 and weight.shape[1] == 1 else self.policy.weight_max
+            largest = weight_largest(node, weight, self.policy)
             scales = weight_scales(weight, point.axis, largest)
             shape = [-1] + [1] * (weight.dim() - 1)
             dequantized = sum_preserving_round(weight, scales, point.axis, largest).float() * scales.reshape(shape)

@@ -207,12 +207,6 @@ def _dequantized(gm: fx.GraphModule, original: fx.Node, integers: torch.Tensor, 
     return node
 
 
-def _along(values: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
-    shape = [1] * rank
-    shape[axis] = -1
-    return values.reshape(shape)
-
-
 def _quantize_bias(gm: fx.GraphModule, point: WeightPoint, scales: torch.Tensor, input_scale: float | None) -> str:
     """An int32 bias on the runtime's grid (step ``input_scale * weight_scale``), as QLinearConv reads it."""
     bias = _bias_node(point)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from compiler import ir, meta
+from compiler import ir
 from passes.quant.policy import INTEGER, WEIGHTED, QuantPolicy
 
 aten = torch.ops.aten
@@ -152,8 +152,3 @@ def _clips_at_zero(node: fx.Node) -> bool:
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", node.kwargs.get("min"))
     return low == 0
 
-
-def describe_point(point: ActivationPoint) -> str:
-    """``conv2d_3 (features.0.0): output of aten.conv2d conv2d_3``, for logs and errors."""
-    path = point.source.meta.get(meta.MODULE_PATH, "")
-    return f"{point.source.name} ({path or '<root>'}): {'; '.join(point.reasons)}"

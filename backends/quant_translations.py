@@ -24,7 +24,10 @@ def _quantize_dequantize(x, scale: float, zero_point: int, qmin: int, qmax: int)
 
 
 def _dequantize_per_channel(quantized, scale, axis: int):
-    return op.DequantizeLinear(quantized, scale, axis=axis)
+    # An explicit all-zero zero point: ONNX Runtime's QDQ Gemm fusion (QGemm) needs one, though
+    # Conv fuses without. The exporter folds it to an initializer of the quantized tensor's type.
+    zero_point = op.CastLike(op.ConstantOfShape(op.Shape(scale)), quantized)
+    return op.DequantizeLinear(quantized, scale, zero_point, axis=axis)
 
 
 TRANSLATIONS = {

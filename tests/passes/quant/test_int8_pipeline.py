@@ -104,7 +104,7 @@ def test_logits_stay_float_and_weights_use_the_isa_bit_width(compiled):
     assert compiled.report.capture["isa"]["int8_format"]["weight_bits"] == bits
 
 
-def test_onnx_runtime_runs_every_conv_on_integers(compiled, tmp_path):
+def test_onnx_runtime_runs_every_conv_and_linear_on_integers(compiled, tmp_path):
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     ort.InferenceSession(compiled.onnx.SerializeToString(), options, providers=["CPUExecutionProvider"],
@@ -112,6 +112,7 @@ def test_onnx_runtime_runs_every_conv_on_integers(compiled, tmp_path):
     ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == 3 and ops["Conv"] == 0, ops
     assert ops["QLinearAdd"] == 1, ops
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0, ops  # the float-output head runs on integers too
     weights = [init for init in compiled.onnx.graph.initializer if init.name.endswith("weight_quantized")]
     assert weights and all(init.data_type == onnx.TensorProto.INT8 for init in weights)
 

@@ -11,6 +11,7 @@ import torch
 
 from backends.dynamic_quant import quantize_dynamic_linears
 from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
+from backends.ort_fusions import fuse_gelu
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import ArtifactError, TargetError, UsageError
 from compiler.isa import int8_format
@@ -95,6 +96,7 @@ class OnnxRuntimeBackend(Backend):
             request.graph_module, request.example_inputs, request.input_names,
             request.output_names, request.dynamic_dims, self.options["opset"],
         ))
+        model, gelus = fuse_gelu(model)
         quantization = None
         if self.options["dynamic_quantization"]:
             model, quantization = quantize_dynamic_linears(model, int8_format())
@@ -104,7 +106,7 @@ class OnnxRuntimeBackend(Backend):
             "onnx_nodes": len(model.graph.node), "seconds": time.perf_counter() - started,
             "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
             "graph_optimization_level": self.options["graph_optimization_level"],
-            "disabled_optimizers": list(DISABLED_OPTIMIZERS),
+            "disabled_optimizers": list(DISABLED_OPTIMIZERS), "fused_gelu": gelus,
         }
         if quantization is not None:
             info["dynamic_quantization"] = quantization

@@ -17,7 +17,7 @@ from torch import nn
 from backends.onnxruntime import DISABLED_OPTIMIZERS
 from compiler import compile, ir, probe
 from compiler.errors import CalibrationDataError, TargetError
-from compiler.isa import CpuIsa, int8_format
+from compiler.isa import int8_format
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 from compiler.targets import get_target
 from passes.quant.insert_qdq import sum_preserving_round, weight_scales
@@ -162,11 +162,6 @@ def test_badly_shaped_calibration_data_names_the_input():
 def test_unknown_policy_field_is_a_target_error():
     with pytest.raises(TargetError, match="no field"):
         make_policy({"base": "onnxruntime-cpu", "colour": "red"})
-
-
-def test_int8_format_follows_vnni():
-    assert int8_format(CpuIsa("x86_64", True, ("avx512_vnni",), "test")).weight_bits == 8
-    assert int8_format(CpuIsa("x86_64", False, ("avx2",), "test")).weight_bits == 7
 
 
 @settings(max_examples=40, deadline=None)

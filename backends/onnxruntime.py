@@ -12,6 +12,7 @@ import torch
 from backends.dynamic_quant import quantize_dynamic_linears
 from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
 from backends.ort_fusions import fuse_gelu
+from backends.weight_storage import store_exact_half_weights
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import ArtifactError, TargetError, UsageError
 from compiler.isa import int8_format
@@ -97,6 +98,7 @@ class OnnxRuntimeBackend(Backend):
             request.output_names, request.dynamic_dims, self.options["opset"],
         ))
         model, gelus = fuse_gelu(model)
+        model, half_weights = store_exact_half_weights(model)
         quantization = None
         if self.options["dynamic_quantization"]:
             model, quantization = quantize_dynamic_linears(model, int8_format())
@@ -107,6 +109,7 @@ class OnnxRuntimeBackend(Backend):
             "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider",
             "graph_optimization_level": self.options["graph_optimization_level"],
             "disabled_optimizers": list(DISABLED_OPTIMIZERS), "fused_gelu": gelus,
+            "float16_weights": half_weights,
         }
         if quantization is not None:
             info["dynamic_quantization"] = quantization

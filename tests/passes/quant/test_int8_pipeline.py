@@ -133,12 +133,20 @@ def test_int8_stays_close_to_float():
     assert probe.drift((compiled(inputs),), (reference,)).sqnr_db > 25
 
 
-def test_float_module_override_keeps_that_conv_float():
-    compiled = compile(_model(), _target(float_modules=["project"]), _data(1, 0), calibration_data=[_data(16, 1)])
+def test_float_module_override_keeps_that_conv_float_with_half_storage():
+    model = _model()
+    compiled = compile(model, _target(float_modules=["project"]), _data(1, 0), calibration_data=[_data(16, 1)])
     conv = next(node for node in compiled.graph_module.graph.nodes
                 if node.meta.get("fxpress_module_path") == "project" and "conv2d" in str(node.target))
-    weight = ir.get_attribute(compiled.graph_module, conv.args[1].target)
-    assert conv.args[1].op == "get_attr" and weight.dtype == torch.float32
+    widened = conv.args[1]
+    assert widened.target is torch.ops.aten._to_copy.default and widened.kwargs["dtype"] == torch.float32
+    stored = ir.get_attribute(compiled.graph_module, widened.args[0].target)
+    assert stored.dtype == torch.float16
+    torch.testing.assert_close(stored.float(), model.project.weight.detach(), rtol=2**-10, atol=1e-7)
+    initializers = {init.name: init.data_type for init in compiled.onnx.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in initializers.values(), "the float conv's weight is not stored as float16"
+    inputs = _data(16, 3)
+    assert probe.within_steps((compiled(inputs),), (compiled.simulate(inputs),), 1.0) >= 0.999
 
 
 def test_sensitivity_ranks_every_integer_op_with_its_module_path():

@@ -11,8 +11,10 @@ from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
 from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
+from passes.quant.cross_layer_equalization import CrossLayerEqualization
 from passes.quant.insert_qdq import InsertQDQ
 from passes.quant.quant_sensitivity import QuantSensitivity
+from passes.quant.smooth_quant import SmoothQuant
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -27,6 +29,8 @@ REGISTRY: dict[str, type[Pass]] = {
         InsertQDQ,
         QuantSensitivity,
         BiasCorrection,
+        CrossLayerEqualization,
+        SmoothQuant,
     )
 }
 

@@ -56,11 +56,14 @@ def compile(  # noqa: A001 - the product's name for it
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
-    backend = _backend(get_target(target))  # a bad backend option fails now, not after the passes
+    backend_target = get_target(target)
+    backend = _backend(backend_target)  # a bad backend option fails now, not after the passes
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress,
     )
+    if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
+        backend = _backend(result.target)
     fallbacks = list(result.ledger.fallbacks)
     if strict and fallbacks:
         raise FallbackError(f"strict mode: {len(fallbacks)} fallback(s) recorded: " + "; ".join(fallbacks))

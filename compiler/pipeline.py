@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from compiler import probe
+from compiler import ir, meta, probe
 from compiler.capture import Captured, DynamicDims, capture, check_model, normalize_inputs
 from compiler.errors import CalibrationDataError, CaptureError, TargetError
 from compiler.pass_base import Pass, PassContext
@@ -90,17 +90,21 @@ def run_pipeline(
 ) -> PipelineResult:
     """Capture ``model`` and run the target's passes with verification and a ledger."""
     target = get_target(target)
-    passes = build_passes(target)
+    build_passes(target)  # unknown passes and options fail before the model is traced
     inputs = normalize_inputs(example_inputs)
     check_model(model, inputs)
     reference = eager_reference(model, inputs)
     captured = capture(model, inputs, dynamic_dims)
     if progress is not None:
         progress("capture")
+    target, choice = choose_target(target, captured.graph_module, inputs)
+    passes = build_passes(target)
     ledger = Ledger(model=model_name or type(model).__name__, target=target.name, capture=_capture_record(captured))
+    if choice is not None:
+        ledger.capture["target_choice"] = choice
     ledger.fallbacks.extend(captured.fallbacks)
     calibrates = any(getattr(p, "needs_calibration", False) for p in passes)
-    if calibration_data is not None and not calibrates:
+    if calibration_data is not None and not calibrates and choice is None:
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
     context = PassContext(inputs, inputs, None, target.name)
     if target.quant_policy:
@@ -111,6 +115,30 @@ def run_pipeline(
     manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
     gm = manager.run(captured.graph_module, context, reference, ledger)
     return PipelineResult(gm, captured, target, ledger, inputs, reference)
+
+
+_LINEAR_OPS = ("aten.linear", "aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention")
+
+
+def choose_target(target: Target, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> tuple[Target, dict | None]:
+    """The target to compile for: ``target``, or its ``linear_heavy_target`` for a Linear-heavy model.
+
+    Returns the target and, when the target offers a choice, a record of it for the ledger.
+    """
+    if target.linear_heavy_target is None:
+        return target, None
+    probe.run_annotated(gm, inputs)
+    macs = {node: node.meta.get(meta.MACS, 0) for node in gm.graph.nodes if node.op == "call_function"}
+    total = sum(macs.values())
+    linear = sum(count for node, count in macs.items() if ir.op_name(node) in _LINEAR_OPS)
+    share = linear / total if total else 0.0
+    chosen = get_target(target.linear_heavy_target) if share >= target.linear_heavy_share else target
+    record = {"requested": target.name, "chosen": chosen.name, "linear_mac_share": round(share, 4),
+              "threshold": target.linear_heavy_share}
+    if chosen is not target:
+        logger.info("target %s: %.0f%% of MACs are in Linear/matmul ops, compiling for %s",
+                    target.name, 100 * share, chosen.name)
+    return chosen, record
 
 
 def _quant_policy(target: Target, ledger: Ledger):

@@ -199,3 +199,19 @@ def test_quantisation_op_matches_onnx_quantize_linear():
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, {"x": values.numpy()})[0], simulated)
+
+
+def test_linear_heavy_model_is_compiled_dynamically_and_the_choice_recorded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64)).eval()
+    inputs = torch.randn(8, 64)
+    compiled = compile(model, "cpu-int8", inputs, calibration_data=[torch.randn(32, 64)])
+    choice = compiled.report.capture["target_choice"]
+    assert (choice["requested"], choice["chosen"], choice["linear_mac_share"]) == ("cpu-int8", "cpu-int8-dynamic", 1.0)
+    assert compiled.report.target == "cpu-int8-dynamic" and not compiled.report.fallbacks
+    assert sum(node.op_type == "DynamicQuantizeMatMul" for node in compiled.onnx.graph.node) == 2
+
+
+def test_conv_model_stays_static_and_the_choice_is_recorded(compiled):
+    choice = compiled.report.capture["target_choice"]
+    assert choice["chosen"] == "cpu-int8" and choice["linear_mac_share"] < 0.5

@@ -235,13 +235,19 @@ def ort_quantize_dynamic(fp32: dict[int, bytes], workdir: Path) -> dict[int, byt
     return quantized
 
 
-def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8"):
-    """A target by name, or cpu-int8 with another float-MAC budget for its sensitivity fallback."""
+def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8", static: bool = False):
+    """A target by name, or cpu-int8 with another float-MAC budget for its sensitivity fallback.
+
+    ``static`` keeps cpu-int8 static even for a Linear-heavy model (which it would hand to
+    cpu-int8-dynamic), to show what static int8 gives there.
+    """
     import dataclasses
 
     from compiler.targets import PassSpec, get_target
 
     target = get_target(name)
+    if static:
+        target = dataclasses.replace(target, linear_heavy_target=None)
     if max_float_macs is None:
         return target
     pipeline = tuple(
@@ -252,16 +258,17 @@ def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8"):
 
 def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
                      timing_inputs: dict[int, tuple], max_float_macs: float | None = None,
-                     target: str = "cpu-int8") -> Pipeline:
+                     target: str = "cpu-int8", static: bool = False) -> Pipeline:
     """The public API, target cpu-int8, timed through its ONNX Runtime model."""
     from compiler import TargetError, compile
     from compiler.model_source import resolve
 
-    row = f"fxpress {target}" + ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs")
+    row = f"fxpress {target}" + ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + \
+        (" static" if static else "")
     source = resolve(name)  # a fresh module: the peers' copy is left untouched
     started = time.perf_counter()
     try:
-        chosen = fxpress_target(max_float_macs, target)
+        chosen = fxpress_target(max_float_macs, target, static)
         calibrates = any(spec.name == "calibrate" for spec in chosen.pipeline)
         compiled = compile(source.model, target=chosen, example_inputs=source.example_inputs,
                            calibration_data=calibration if calibrates else None,
@@ -281,6 +288,10 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
         return torch.cat([compiled(*chunk) for chunk in _chunks(inputs, EVAL_CHUNK)])
 
     pipeline.predict = predict
+    choice = compiled.report.capture.get("target_choice") or {}
+    if choice.get("chosen", choice.get("requested")) != choice.get("requested"):
+        pipeline.notes.append(f"compiled as {choice['chosen']}: {choice['linear_mac_share']:.0%} of MACs in "
+                              "Linear/matmul ops")
     fallbacks = compiled.report.fallbacks
     if fallbacks:
         pipeline.notes.append(f"{len(fallbacks)} fallback(s): " + "; ".join(fallbacks)[:300])
@@ -428,9 +439,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     for budget in args.float_macs or [None]:
         pipelines.append(guarded("fxpress cpu-int8", lambda budget=budget: fxpress_pipeline(
             name, calibration_batches, timing_inputs, budget)))
-    if encoder:  # Linear-heavy: the dynamic target is the one meant for it
-        pipelines.append(guarded("fxpress cpu-int8-dynamic", lambda: fxpress_pipeline(
-            name, calibration_batches, timing_inputs, target="cpu-int8-dynamic")))
+    if encoder:  # Linear-heavy: cpu-int8 hands it to cpu-int8-dynamic; static shown for comparison
+        pipelines.append(guarded("fxpress cpu-int8 static", lambda: fxpress_pipeline(
+            name, calibration_batches, timing_inputs, static=True)))
     if name == "efficientnet-lite0":
         if args.no_pt2e:
             pipelines.append(unavailable("pt2e-x86-inductor", "skipped (--no-pt2e)"))

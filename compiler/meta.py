@@ -26,10 +26,11 @@ FUSED_ACTIVATION = "fxpress_fused_activation"  # on an anchor: the activation ki
 QUANT_RANGE = "fxpress_quant_range"  # on a tensor to quantise: {"low", "high", "observer", "min", "max"}
 QUANT_PARAMS = "fxpress_quant_params"  # on a fake-quantise node: {"scale", "zero_point", "dtype", ...}
 QUANT_DECISION = "fxpress_quant_decision"  # on an op kept in float by an override or analysis: the reason
+QUANT_SENSITIVITY = "fxpress_quant_sensitivity"  # on an integer op: {"sqnr_db" (quantised alone), "decision"}
 
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
-    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION,
+    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION, QUANT_SENSITIVITY,
 )
 
 

@@ -97,7 +97,40 @@ def render_table(ledger: Ledger) -> str:
     lines += [_format_row(row, widths) for row in rows]
     lines += _lowering_lines(ledger)
     lines += [f"fallback: {text}" for text in ledger.fallbacks]
+    lines += quantization_lines(ledger)
     return "\n".join(lines)
+
+
+_QUANT_COLUMNS = ("module path", "tensor", "format", "scale", "range", "calibrator", "SQNR alone", "decision")
+
+
+def quantization_lines(ledger: Ledger) -> list[str]:
+    """Per layer, from ``insert_qdq`` (and ``quant_sensitivity``): how each tensor was quantised, and why."""
+    entry = next((e for e in ledger.entries if e.name == "insert_qdq"), None)
+    if entry is None or not entry.stats.get("layers"):
+        return []
+    rows = [_quant_row(layer) for layer in entry.stats["layers"]]
+    widths = [max(len(row[col]) for row in [*rows, list(_QUANT_COLUMNS)]) for col in range(len(_QUANT_COLUMNS))]
+    return ["", "quantisation, per layer (SQNR alone: the model output's when only that op is int8):",
+            _format_row(_QUANT_COLUMNS, widths), _format_row(["-" * w for w in widths], widths),
+            *(_format_row(row, widths) for row in rows)]
+
+
+def _quant_row(layer: dict[str, Any]) -> list[str]:
+    weight = layer.get("kind") == "weight"
+    if weight and layer.get("decision") == "float":
+        fmt, scale, span = layer.get("dtype", "float"), "", ""
+    elif weight:
+        fmt = f"int{layer['bits']} per-channel, bias {layer.get('bias', '')}"
+        scale = f"{layer['scale'][0]:.2e}..{layer['scale'][1]:.2e}"
+        span = f"[{layer['range'][0]:.3g}, {layer['range'][1]:.3g}]"
+    else:
+        fmt = f"{layer.get('dtype', '')} zp {layer.get('zero_point', '')}"
+        scale, span = f"{layer['scale']:.3e}", f"[{layer['range'][0]:.3g}, {layer['range'][1]:.3g}]"
+    sqnr = f"{layer['sqnr_db']:.1f} dB" if "sqnr_db" in layer else ""
+    decision = layer.get("decision", "int8")
+    return [layer.get("module_path") or "<root>", f"{layer.get('kind', '')} {layer.get('tensor', '')}", fmt, scale,
+            span, layer.get("calibrator", ""), sqnr, decision]
 
 
 def _header(ledger: Ledger) -> str:

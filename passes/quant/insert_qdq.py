@@ -117,24 +117,33 @@ class InsertQDQ(Pass):
 
 
     def _store_float_weights(self, gm: fx.GraphModule, quantized: set[fx.Node], policy: QuantPolicy) -> list[dict]:
-        """Float16 storage for the float32 weights of weighted ops that stay in float."""
+        """One row per weighted op kept in float; its float32 weight stored as float16 if so chosen."""
         choice = self.options["float_weights"]
         if choice not in ("float16", "float32"):
             raise PassError(f"pass {self.name!r}: float_weights must be 'float16' or 'float32', got {choice!r}")
-        if choice == "float32":
-            return []
         rows = []
         for node in list(ir.call_nodes(gm)):
             if node in quantized or ir.op_name(node) not in policy.weighted_ops:
                 continue
             weight = node.args[WEIGHTED[ir.op_name(node)][1]]
-            if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                value = ir.get_attribute(gm, weight.target).detach()
-                if value.dtype == torch.float32:
-                    node.replace_input_with(weight, _widened_half(gm, weight, value, node))
-                    rows.append({"tensor": weight.target, "module_path": ir.module_path(node), "kind": "weight",
-                                 "dtype": "float16 (float32 compute)", "why": "kept in float"})
+            if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+                continue
+            value = ir.get_attribute(gm, weight.target).detach()
+            stored = "float32"
+            if choice == "float16" and value.dtype == torch.float32:
+                node.replace_input_with(weight, _widened_half(gm, weight, value, node))
+                stored = "float16 (float32 compute)"
+            rows.append({"tensor": weight.target, "module_path": ir.module_path(node), "kind": "weight",
+                         "dtype": stored, "decision": "float",
+                         "why": node.meta.get(meta.QUANT_DECISION, "kept in float by the policy"),
+                         **_sensitivity(node)})
         return rows
+
+
+def _sensitivity(op: fx.Node) -> dict[str, Any]:
+    """The op's output SQNR when quantised alone, if ``quant_sensitivity`` measured it."""
+    found = op.meta.get(meta.QUANT_SENSITIVITY)
+    return {"sqnr_db": found["sqnr_db"]} if found else {}
 
 
 def _widened_half(gm: fx.GraphModule, weight: fx.Node, value: torch.Tensor, before: fx.Node) -> fx.Node:
@@ -202,7 +211,7 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
         "tensor": point.weight.target, "module_path": ir.module_path(point.op), "kind": "weight",
         "scale": [float(scales.min()), float(scales.max())], "bits": 8 if largest == 127 else 7,
         "range": [float(weight.min()), float(weight.max())], "calibrator": "minmax_per_channel",
-        "bias": _quantize_bias(gm, point, scales, input_scale),
+        "bias": _quantize_bias(gm, point, scales, input_scale), "decision": "int8", **_sensitivity(point.op),
     }
 
 

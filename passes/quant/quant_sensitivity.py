@@ -156,8 +156,10 @@ class QuantSensitivity(Pass):
             reference = _flat(simulation.run(*batch))
             rows = [self._alone(simulation, op, batch, reference) for op in plan.integer_ops]
             chosen, quality = self._fallback(simulation, plan, rows, batch, reference)
+        by_name = {op.name: op for op in plan.integer_ops}
         for row in rows:
             row["decision"] = "float" if row["op"] in chosen else "int8"
+            by_name[row["op"]].meta[meta.QUANT_SENSITIVITY] = {"sqnr_db": row["sqnr_db"], "decision": row["decision"]}
             if row["op"] in chosen:
                 chosen[row["op"]].meta[meta.QUANT_DECISION] = (
                     f"float: output SQNR {row['sqnr_db']:.1f} dB when quantised alone (quant_sensitivity)")

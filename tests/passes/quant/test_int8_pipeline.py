@@ -155,6 +155,13 @@ def test_sensitivity_ranks_every_integer_op_with_its_module_path():
     rows = compiled.report.entry("quant_sensitivity").stats["layers"]
     assert {row["module_path"] for row in rows} >= {"stem.0", "depthwise.0", "project", "head"}
     assert all(row["decision"] in ("int8", "float") and row["sqnr_db"] > 0 for row in rows)
+    # One table joins them: per layer, format, scale, range, calibrator, SQNR alone and decision.
+    weights = [row for row in compiled.report.entry("insert_qdq").stats["layers"] if row["kind"] == "weight"]
+    assert {row["module_path"] for row in weights} == {"stem.0", "depthwise.0", "project", "head"}
+    assert all("sqnr_db" in row and row["decision"] in ("int8", "float") for row in weights)
+    table = str(compiled.report).split("quantisation, per layer", 1)[1]
+    head = next(line for line in table.splitlines() if line.startswith("head "))
+    assert "per-channel" in head and "minmax_per_channel" in head and " dB" in head, head
 
 
 def test_missing_calibration_data_is_a_typed_error():

@@ -147,7 +147,7 @@ def _reaches_integer_op(node: fx.Node, policy: QuantPolicy) -> bool:
 def _clips_at_zero(node: fx.Node) -> bool:
     """ReLU, ReLU6 or a clip whose lower bound is 0: the quantiser's zero point absorbs it."""
     name = ir.op_name(node)
-    if name in ("aten.relu", "aten.relu6"):
+    if name in ("aten.relu", "aten.relu_", "aten.relu6"):
         return True
     low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", node.kwargs.get("min"))
     return low == 0

@@ -39,15 +39,18 @@ WEIGHTED = {
 }
 #: Integer ops without weights: op name -> indices of the tensor inputs to quantise.
 INTEGER = {
-    "aten.add": (0, 1), "aten.cat": (0,), "aten.adaptive_avg_pool2d": (0,), "aten.avg_pool2d": (0,),
-    "aten.mean": (0,), "aten.matmul": (0, 1), "aten.mul": (0, 1),
+    "aten.add": (0, 1), "aten.add_": (0, 1), "aten.cat": (0,), "aten.adaptive_avg_pool2d": (0,),
+    "aten.avg_pool2d": (0,), "aten.mean": (0,), "aten.matmul": (0, 1), "aten.mul": (0, 1),
 }
 PASSTHROUGH = frozenset({
     "aten.pad", "aten.constant_pad_nd", "aten.view", "aten.reshape", "aten.flatten", "aten.max_pool2d",
     "aten.dropout", "aten.transpose", "aten.permute", "aten.squeeze", "aten.unsqueeze", "aten.contiguous",
     "aten.clone", "aten.alias",
 })
-FUSED_ACTIVATIONS = frozenset({"aten.relu", "aten.relu6", "aten.hardtanh", "aten.clamp"})
+# In-place forms too: torchvision's ``ReLU(inplace=True)`` and ``out += identity`` trace to them.
+FUSED_ACTIVATIONS = frozenset({
+    "aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh", "aten.hardtanh_", "aten.clamp", "aten.clamp_",
+})
 FLOAT_BY_DEFAULT = frozenset({
     "aten.layer_norm", "aten.softmax", "aten.gelu", "aten._softmax", "aten.native_layer_norm",
 })
@@ -74,7 +77,9 @@ class QuantPolicy:
 
     name: str
     weighted_ops: frozenset[str] = frozenset(WEIGHTED)
-    integer_ops: frozenset[str] = frozenset({"aten.add", "aten.cat", "aten.adaptive_avg_pool2d", "aten.avg_pool2d"})
+    integer_ops: frozenset[str] = frozenset({
+        "aten.add", "aten.add_", "aten.cat", "aten.adaptive_avg_pool2d", "aten.avg_pool2d",
+    })
     passthrough_ops: frozenset[str] = PASSTHROUGH
     fused_activations: frozenset[str] = FUSED_ACTIVATIONS
     float_ops: frozenset[str] = FLOAT_BY_DEFAULT
@@ -131,7 +136,7 @@ class QuantPolicy:
         return None
 
     def _feeds_integer(self, node: fx.Node) -> bool:
-        """Every reader, through pass-through ops, is a conv, linear or another integer op.
+        """Every reader, through pass-through ops and fused activations, is a conv, linear or integer op.
 
         A weightless op (add, concat, pooling) is worth running on integers only inside an integer
         region: an add whose result goes to a float op (a LayerNorm after a residual add, the
@@ -146,7 +151,7 @@ class QuantPolicy:
                 continue
             seen.add(reader)
             name = ir.op_name(reader)
-            if name in self.passthrough_ops:
+            if name in self.passthrough_ops or name in self.fused_activations:
                 readers.extend(reader.users)
             elif name not in self.weighted_ops and name not in self.integer_ops or self.keeps_float(reader):
                 return False

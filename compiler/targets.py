@@ -106,7 +106,9 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         pipeline=(
             *_FP32,
             PassSpec("calibrate"),
-            PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4}),
+            # Float layers cost layout changes around them: 3% of MACs bought +3-4 points of top-1
+            # agreement on EfficientNet-Lite0 for about 3% of latency, 10% cost 7-17% (bench/int8_peers.py).
+            PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4, "max_float_macs": 0.03}),
             PassSpec("bias_correction"),
             PassSpec("insert_qdq"),
         ),

@@ -531,6 +531,9 @@ _DYING_WRITER = textwrap.dedent('''
 
 
     onnx.save_model = half_then_signal
+    # A child started from a background job inherits SIGINT ignored, and Python then raises no
+    # KeyboardInterrupt: restore the default so the test sees what an interactive user gets.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main.main(sys.argv[2:], prog_name="fxpress")
 ''')
 

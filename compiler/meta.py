@@ -27,10 +27,12 @@ QUANT_RANGE = "fxpress_quant_range"  # on a tensor to quantise: {"low", "high", 
 QUANT_PARAMS = "fxpress_quant_params"  # on a fake-quantise node: {"scale", "zero_point", "dtype", ...}
 QUANT_DECISION = "fxpress_quant_decision"  # on an op kept in float by an override or analysis: the reason
 QUANT_SENSITIVITY = "fxpress_quant_sensitivity"  # on an integer op: {"sqnr_db" (quantised alone), "decision"}
+WEIGHT_INTEGERS = "fxpress_weight_integers"  # on a weight: {"integers", "scales", "largest", "method"} (gptq)
 
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
     FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION, QUANT_SENSITIVITY,
+    WEIGHT_INTEGERS,
 )
 
 

@@ -12,6 +12,7 @@ from passes.fusion.mark_activation_fusion import MarkActivationFusion
 from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
 from passes.quant.cross_layer_equalization import CrossLayerEqualization
+from passes.quant.gptq import GPTQ
 from passes.quant.insert_qdq import InsertQDQ
 from passes.quant.quant_sensitivity import QuantSensitivity
 from passes.quant.smooth_quant import SmoothQuant
@@ -31,6 +32,7 @@ REGISTRY: dict[str, type[Pass]] = {
         BiasCorrection,
         CrossLayerEqualization,
         SmoothQuant,
+        GPTQ,
     )
 }
 

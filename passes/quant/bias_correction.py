@@ -20,7 +20,7 @@ import torch.fx as fx
 from compiler import ir, meta
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
-from passes.quant.insert_qdq import sum_preserving_round, weight_largest, weight_scales
+from passes.quant.insert_qdq import weight_integers, weight_largest, weight_scales
 from passes.quant.plan import QuantPlan, WeightPoint, plan_quantization
 
 
@@ -82,7 +82,7 @@ def _output_shift(point: WeightPoint, weight: torch.Tensor, mean: torch.Tensor, 
     """``(W_q - W) E[x]`` per output channel, or None when the means do not fit the weight."""
     largest = weight_largest(point.op, weight, policy)
     scales = weight_scales(weight, point.axis, largest)
-    integers = sum_preserving_round(weight, scales, point.axis, largest).double()
+    integers = weight_integers(point.weight, weight, scales, point.axis, largest).double()
     shape = [-1] + [1] * (weight.dim() - 1)
     error = integers * scales.double().reshape(shape) - weight.double()
     if ir.op_name(point.op) == "aten.linear":

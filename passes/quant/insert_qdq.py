@@ -78,6 +78,23 @@ def sum_preserving_round(weight: torch.Tensor, scales: torch.Tensor, axis: int, 
     return integers.reshape(shape).movedim(0, axis).to(torch.int8)
 
 
+def weight_integers(weight_node: fx.Node | None, weight: torch.Tensor, scales: torch.Tensor, axis: int,
+                    largest: int) -> torch.Tensor:
+    """The int8 integers of ``weight`` on ``scales``: those ``gptq`` chose, else sum-preserving rounding.
+
+    A channel keeps the chosen integers only where its scale is the one they were chosen for
+    (``insert_qdq`` raises the scale of near-empty channels so that their bias fits int32).
+    """
+    rounded = sum_preserving_round(weight, scales, axis, largest)
+    chosen = weight_node.meta.get(meta.WEIGHT_INTEGERS) if weight_node is not None else None
+    if chosen is None or chosen["largest"] != largest or tuple(chosen["integers"].shape) != tuple(weight.shape):
+        return rounded
+    shape = [1] * weight.dim()
+    shape[axis % weight.dim()] = -1
+    same = (chosen["scales"].float() == scales.float()).reshape(shape)
+    return torch.where(same, chosen["integers"], rounded)
+
+
 class InsertQDQ(Pass):
     """Insert fake-quantise ops for every planned activation, weight and bias."""
 
@@ -202,7 +219,7 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
     largest = weight_largest(point.op, weight, policy)
     scales = _fit_bias(gm, point, weight_scales(weight, point.axis, largest), input_scale)
     if point.weight not in done:
-        integers = sum_preserving_round(weight, scales, point.axis, largest)
+        integers = weight_integers(point.weight, weight, scales, point.axis, largest)
         done[point.weight] = _dequantized(gm, point.weight, integers, scales, point.axis, point.op)
         done[point.weight].meta[meta.QUANT_PARAMS] = {"kind": "weight", "axis": point.axis,
                                                       "largest": largest, "dtype": "int8"}
@@ -211,6 +228,7 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
         "tensor": point.weight.target, "module_path": ir.module_path(point.op), "kind": "weight",
         "scale": [float(scales.min()), float(scales.max())], "bits": 8 if largest == 127 else 7,
         "range": [float(weight.min()), float(weight.max())], "calibrator": "minmax_per_channel",
+        "rounding": point.weight.meta.get(meta.WEIGHT_INTEGERS, {}).get("method", "nearest, sum-preserving"),
         "bias": _quantize_bias(gm, point, scales, input_scale), "decision": "int8", **_sensitivity(point.op),
     }
 

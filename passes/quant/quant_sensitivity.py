@@ -28,7 +28,7 @@ from compiler import ir, meta
 from compiler.errors import PassError, TargetError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.quant_ops import quantize_dequantize
-from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_largest, weight_scales
+from passes.quant.insert_qdq import activation_qparams, weight_integers, weight_largest, weight_scales
 from passes.quant.plan import QuantPlan, plan_quantization
 from passes.quant.policy import WEIGHTED, QuantPolicy
 
@@ -100,7 +100,8 @@ class _QuantSimulation(fx.Interpreter):
             largest = weight_largest(node, weight, self.policy)
             scales = weight_scales(weight, point.axis, largest)
             shape = [-1] + [1] * (weight.dim() - 1)
-            dequantized = sum_preserving_round(weight, scales, point.axis, largest).float() * scales.reshape(shape)
+            integers = weight_integers(point.weight, weight, scales, point.axis, largest)
+            dequantized = integers.float() * scales.reshape(shape)
             bias = args[2] if len(args) > 2 and isinstance(args[2], torch.Tensor) else None
             sources = self.inputs_of.get(node, [])
             if bias is not None and sources:

@@ -344,7 +344,17 @@ def pt2e_pipeline(zoo, calibration: tuple[torch.Tensor, ...], timing_inputs: dic
 
     pipeline.predict = predict
     pipeline.notes.append(f"torch {torch.__version__}, torchao {torchao.__version__}; no ONNX model, size n/a")
+    pipeline.notes.append(_pt2e_coverage(converted))
     return pipeline
+
+
+def _pt2e_coverage(converted: torch.fx.GraphModule) -> str:
+    """How many of the converted graph's convs and linears read a dequantised (int8) weight."""
+    weighted = [node for node in converted.graph.nodes
+                if node.op == "call_function" and str(node.target).startswith(("aten.conv", "aten.linear"))]
+    quantized = [node for node in weighted if isinstance(node.args[1], torch.fx.Node)
+                 and "dequantize" in str(node.args[1].target)]
+    return f"X86InductorQuantizer quantised the weights of {len(quantized)} of {len(weighted)} convs/linears"
 
 
 def guarded(name: str, build: Callable[[], Pipeline]) -> Pipeline:

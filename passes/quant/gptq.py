@@ -202,11 +202,11 @@ class GPTQ(Pass):
         with torch.no_grad():
             for batch in ctx.calibration_data:
                 for start in range(0, _count(batch), self.options["batch_size"]):
-                    if samples >= limit:
-                        break
-                    size = min(self.options["batch_size"], limit - samples)
+                    size = min(self.options["batch_size"], limit - samples, _count(batch) - start)
                     interpreter.run(*(t[start:start + size] if t.dim() else t for t in batch))
                     samples += size
+                    if samples >= limit:
+                        return interpreter.moments(), samples
         return interpreter.moments(), samples
 
     def _round(self, gm: fx.GraphModule, point: WeightPoint, moments: tuple[torch.Tensor, ...],

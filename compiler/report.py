@@ -129,8 +129,9 @@ def _quant_row(layer: dict[str, Any]) -> list[str]:
         scale, span = f"{layer['scale']:.3e}", f"[{layer['range'][0]:.3g}, {layer['range'][1]:.3g}]"
     sqnr = f"{layer['sqnr_db']:.1f} dB" if "sqnr_db" in layer else ""
     decision = layer.get("decision", "int8")
+    calibrator = layer.get("calibrator", "") + (", gptq" if layer.get("rounding") == "gptq" else "")
     return [layer.get("module_path") or "<root>", f"{layer.get('kind', '')} {layer.get('tensor', '')}", fmt, scale,
-            span, layer.get("calibrator", ""), sqnr, decision]
+            span, calibrator, sqnr, decision]
 
 
 def _header(ledger: Ledger) -> str:

@@ -102,7 +102,8 @@ def input_moment(op: fx.Node, args: tuple) -> tuple[torch.Tensor, int] | None:
     columns = torch.nn.functional.unfold(x, weight.shape[2:], dilation, padding, stride)
     batch, _, positions = columns.shape
     every = max(1, batch * positions // _ROWS_PER_BATCH)  # neighbouring positions tell the same story
-    columns = columns[:, :, ::every].reshape(batch, groups, -1, columns[:, :, ::every].shape[2])
+    columns = columns[:, :, ::every]
+    columns = columns.reshape(batch, groups, -1, columns.shape[2])
     return torch.einsum("ngkp,nglp->gkl", columns, columns).double(), batch * columns.shape[3]
 
 

@@ -149,6 +149,9 @@ def test_the_graph_uses_the_integers_gptq_chose(compiled_pair):
     rows = {row["module_path"]: row for row in compiled.report.entry("insert_qdq").stats["layers"]
             if row["kind"] == "weight"}
     assert {path for path, row in rows.items() if row["rounding"] == "gptq"} == rounded
+    table = str(compiled.report)
+    assert all(any(line.startswith(path) and "minmax_per_channel, gptq" in line for line in table.splitlines())
+               for path in rounded)
     chosen, nearest = _integer_weights(compiled), _integer_weights(plain)
     assert set(chosen) == set(nearest) == set(rows)
     for path in rows:

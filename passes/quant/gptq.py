@@ -178,10 +178,11 @@ class GPTQ(Pass):
             raise PassError(f"pass {self.name!r} needs calibration_data to measure each layer's inputs")
         if ctx.quant_policy is None:
             raise PassError(f"pass {self.name!r} needs the target's quantisation policy; run it in a quantising target")
-        if not (isinstance(self.options["samples"], int) and self.options["samples"] > 0):
+        samples, damping = self.options["samples"], self.options["damping"]
+        if isinstance(samples, bool) or not (isinstance(samples, int) and samples > 0):
             raise PassError(f"pass {self.name!r}: option samples must be a positive int, "
                             f"got {self.options['samples']!r}")
-        if not 0 < float(self.options["damping"]) < 1:
+        if isinstance(damping, bool) or not (isinstance(damping, (int, float)) and 0 < damping < 1):
             raise PassError(f"pass {self.name!r}: option damping must lie in (0, 1), got {self.options['damping']!r}")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -182,7 +182,8 @@ def test_missing_calibration_data_is_a_typed_error():
         compile(Photo().eval(), _target(True), _images(1, 0))
 
 
-@pytest.mark.parametrize("options,message", [({"samples": 0}, "samples"), ({"damping": 2.0}, "damping")])
+@pytest.mark.parametrize("options,message", [({"samples": 0}, "samples"), ({"samples": True}, "samples"),
+                                             ({"damping": 2.0}, "damping"), ({"damping": "small"}, "damping")])
 def test_bad_options_are_pass_errors(options, message):
     with pytest.raises(PassError, match=message):
         _compile(True, **options)

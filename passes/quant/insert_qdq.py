@@ -228,9 +228,18 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
         "tensor": point.weight.target, "module_path": ir.module_path(point.op), "kind": "weight",
         "scale": [float(scales.min()), float(scales.max())], "bits": 8 if largest == 127 else 7,
         "range": [float(weight.min()), float(weight.max())], "calibrator": "minmax_per_channel",
-        "rounding": point.weight.meta.get(meta.WEIGHT_INTEGERS, {}).get("method", "nearest, sum-preserving"),
+        "rounding": _rounding(point.weight, scales),
         "bias": _quantize_bias(gm, point, scales, input_scale), "decision": "int8", **_sensitivity(point.op),
     }
+
+
+def _rounding(weight_node: fx.Node, scales: torch.Tensor) -> str:
+    """How a weight's integers were chosen, as :func:`weight_integers` chose them, for the ledger."""
+    chosen = weight_node.meta.get(meta.WEIGHT_INTEGERS)
+    if chosen is None:
+        return "nearest, sum-preserving"
+    kept = int((chosen["scales"].float() == scales.float()).sum())
+    return chosen["method"] if kept == scales.numel() else f"{chosen['method']} on {kept} of {scales.numel()} channels"
 
 
 def weight_largest(op: fx.Node, weight: torch.Tensor, policy: QuantPolicy) -> int:

@@ -106,8 +106,8 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         pipeline=(
             *_FP32,
             PassSpec("calibrate"),
-            # GPTQ rounding of the 7-bit weights: +1.2-1.4 dB output SQNR on EfficientNet-Lite0 for
-            # about 5 s of compile time (32 samples; depthwise convs keep nearest rounding).
+            # GPTQ rounding of the weights: +1.2-1.4 dB output SQNR on EfficientNet-Lite0 (7-bit
+            # weights) for about 5 s of compile time (32 samples; depthwise convs keep nearest rounding).
             PassSpec("gptq"),
             # Float layers cost layout changes around them: 3% of MACs bought +3-4 points of top-1
             # agreement on EfficientNet-Lite0 for about 3% of latency, 10% cost 7-17% (bench/int8_peers.py).

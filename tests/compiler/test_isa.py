@@ -59,3 +59,9 @@ def test_seven_bit_weights_are_exact_in_u8s8_kernels():
 @pytest.mark.skipif(detect_isa().vnni or detect_isa().machine != "x86_64", reason="VNNI U8S8 does not saturate")
 def test_eight_bit_weights_saturate_u8s8_kernels_without_vnni():
     assert _conv_error(127) > 10
+
+
+@pytest.mark.skipif(not detect_isa().vnni, reason="without VNNI, 8-bit weights saturate (the test above)")
+def test_eight_bit_weights_are_exact_in_u8s8_kernels_with_vnni():
+    assert int8_format().weight_bits == 8
+    assert _conv_error(127) <= 1

@@ -9,6 +9,13 @@ ops move back to float one by one until the budget holds: the model output's SQN
 Ops whose multiply-accumulates would take the float share past ``max_float_macs`` are skipped, so
 at least ``1 - max_float_macs`` of the work stays in integer kernels.
 
+Quantisation noise from different layers adds up at the output (on EfficientNet-Lite0 the sum of
+the single-layer noise powers predicts the all-int8 SQNR within 0.1 dB), so an op whose noise alone,
+``10 ** (-sqnr_alone / 10)``, is under ``min_noise_share`` of the current output noise cannot buy
+much by going float, while a float layer between integer ones costs layout changes around it. The
+fallback stops there: on EfficientNet-Lite0 a depthwise conv at 42 dB was kept float for no change
+of output SQNR and 5% of batch-16 latency before this rule.
+
 Decisions go into ``node.meta[QUANT_DECISION]`` (the policy keeps those ops in float); the graph
 itself is untouched, so the pass reports ``modified=False``. The ledger lists every op with its
 module path, SQNR and decision.
@@ -134,12 +141,15 @@ class QuantSensitivity(Pass):
     name = "quant_sensitivity"
     exact = True
     default_options = {"samples": 8, "metric": "cosine", "max_drop": None, "min_sqnr_db": None,
-                       "max_float": 16, "max_float_macs": 0.1}
+                       "max_float": 16, "max_float_macs": 0.1, "min_noise_share": 0.05}
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         if self.options["metric"] not in ("cosine", "top1"):
             raise TargetError(f"pass {self.name!r}: metric must be 'cosine' or 'top1', got {self.options['metric']!r}")
+        share = self.options["min_noise_share"]
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+            raise TargetError(f"pass {self.name!r}: min_noise_share is a fraction in [0, 1), got {share!r}")
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Needs calibrated ranges (run after ``calibrate``) and calibration data."""
@@ -188,10 +198,16 @@ class QuantSensitivity(Pass):
             quality["float_macs_share"] = float_macs / total_macs
             if self._holds(quality) or len(chosen) >= self.options["max_float"]:
                 return chosen, quality
-            op = next((by_name[row["op"]] for row in candidates if _affordable(
+            row = next((row for row in candidates if _affordable(
                 by_name[row["op"]], float_macs, total_macs, self.options["max_float_macs"])), None)
-            if op is None:
+            if row is None:
                 return chosen, quality
+            share = _noise_share(row["sqnr_db"], quality["sqnr_db"])
+            if share < self.options["min_noise_share"]:
+                quality["stopped"] = (f"{row['module_path'] or row['op']} holds {share:.1%} of the output noise, "
+                                      f"under min_noise_share {self.options['min_noise_share']:.0%}")
+                return chosen, quality
+            op = by_name[row["op"]]
             chosen[op.name] = op
             float_macs += op.meta.get(meta.MACS, 0)
 
@@ -209,6 +225,15 @@ class QuantSensitivity(Pass):
             return True
         return (max_drop is None or quality["drop"] <= max_drop) and (
             min_sqnr is None or quality["sqnr_db"] >= min_sqnr)
+
+
+def _noise_share(alone_db: float, current_db: float) -> float:
+    """The share of the current output noise that an op's own noise (its SQNR when quantised alone) makes up."""
+    if math.isinf(alone_db):
+        return 0.0 if alone_db > 0 else 1.0
+    if math.isinf(current_db):
+        return 0.0 if current_db > 0 else 1.0
+    return min(1.0, 10 ** ((current_db - alone_db) / 10))
 
 
 def _affordable(op: fx.Node, float_macs: int, total_macs: int, share: float) -> bool:

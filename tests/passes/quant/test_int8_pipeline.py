@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 
 import numpy as np
 import onnx
@@ -19,9 +20,10 @@ from compiler import compile, ir, probe
 from compiler.errors import CalibrationDataError, TargetError
 from compiler.isa import int8_format
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
-from compiler.targets import get_target
+from compiler.targets import PassSpec, get_target
 from passes.quant.insert_qdq import sum_preserving_round, weight_scales
 from passes.quant.policy import make_policy
+from passes.quant.quant_sensitivity import _noise_share
 from tests.support import randomize_batch_norm
 
 
@@ -222,3 +224,42 @@ def test_linear_heavy_model_is_compiled_dynamically_and_the_choice_recorded():
 def test_conv_model_stays_static_and_the_choice_is_recorded(compiled):
     choice = compiled.report.capture["target_choice"]
     assert choice["chosen"] == "cpu-int8" and choice["linear_mac_share"] < 0.5
+
+
+def _sensitivity_target(**options):
+    base = get_target("cpu-int8")
+    pipeline = tuple(
+        PassSpec(spec.name, {**spec.options, **options}) if spec.name == "quant_sensitivity" else spec
+        for spec in base.pipeline)
+    return dataclasses.replace(base, pipeline=pipeline)
+
+
+def _fallback(**options) -> dict:
+    """The quant_sensitivity entry when every op may go float and the output budget cannot hold."""
+    target = _sensitivity_target(max_drop=0.0, max_float_macs=1.0, max_float=4, **options)
+    compiled = compile(_model(), target, _data(1, 0), calibration_data=[_data(16, 1)])
+    return compiled.report.entry("quant_sensitivity").stats
+
+
+def test_fallback_stops_at_layers_holding_too_little_of_the_output_noise():
+    every = _fallback(min_noise_share=0.0)
+    assert every["float_ops"] == 4 and "stopped" not in every["quality"]
+    strict = _fallback(min_noise_share=0.9)
+    assert strict["float_ops"] < every["float_ops"]
+    assert "of the output noise, under min_noise_share 90%" in strict["quality"]["stopped"]
+    # The layers it kept float are the most harmful ones, in order.
+    ranked = [row["module_path"] for row in sorted(strict["layers"], key=lambda row: row["sqnr_db"])]
+    floated = [row["module_path"] for row in strict["layers"] if row["decision"] == "float"]
+    assert sorted(floated, key=ranked.index) == ranked[:len(floated)]
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, True, "5%"])
+def test_bad_min_noise_share_is_a_target_error(share):
+    with pytest.raises(TargetError, match="min_noise_share"):
+        compile(_model(), _sensitivity_target(min_noise_share=share), _data(1, 0), calibration_data=[_data(16, 1)])
+
+
+def test_noise_share_of_a_layer():
+    assert _noise_share(30.0, 20.0) == pytest.approx(0.1)
+    assert _noise_share(20.0, 30.0) == 1.0  # alone worse than everything: capped
+    assert _noise_share(math.inf, 20.0) == 0.0 and _noise_share(20.0, math.inf) == 0.0

@@ -134,7 +134,13 @@ def validate_calibration_data(
         raise ValueError(f"min_samples must be at least 1, got {min_samples}")
     first_pass, origin, mode = _batch_source(calibration_data, specs)
     validator = _Validator(specs)
-    batches = [validator.batch(raw, index) for index, raw in enumerate(first_pass)]
+    streamed = mode == "re-iterable"
+    batches = []
+    for index, raw in enumerate(first_pass):
+        batch = validator.batch(raw, index)
+        if not streamed:  # a re-iterable source is read again on every pass: hold nothing of it
+            batches.append(batch)
+    del first_pass
     if validator.count == 0:
         raise CalibrationDataError(f"calibration data ({origin}) is empty: it yielded no batch; give at least one")
     if validator.samples < min_samples:
@@ -144,7 +150,6 @@ def validate_calibration_data(
         )
     if mode == "one-pass":
         logger.info("calibration data: a one-pass %s was read once; %d batches held in memory", origin, len(batches))
-    streamed = mode == "re-iterable"
     return CalibrationBatches(
         specs, validator.count, validator.samples, origin, batches=None if streamed else batches,
         source=calibration_data if streamed else None, materialised=mode == "one-pass", warnings=validator.warnings(),

@@ -3,6 +3,9 @@ one-line CalibrationDataError that names the batch and the input."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -287,3 +290,27 @@ def test_programming_errors_are_value_errors_not_calibration_errors():
         validate_image(_image(), min_samples=0)
     with pytest.raises(ValueError, match="2 input names for 1 example inputs"):
         validate_calibration_data(_image(), IMAGE, ("x", "y"), IMAGE_DIMS)
+
+
+class _Fresh:
+    """A re-iterable source making new batches on every pass, remembering weak references to them."""
+
+    def __init__(self, count: int):
+        self.count, self.made, self.most_alive = count, [], 0
+
+    def __iter__(self):
+        for index in range(self.count):
+            gc.collect()
+            self.most_alive = max(self.most_alive, sum(ref() is not None for ref in self.made))
+            batch = torch.full((4, 3, 8, 8), float(index))
+            self.made.append(weakref.ref(batch))
+            yield batch
+
+
+def test_validating_a_re_iterable_source_holds_at_most_one_batch_at_a_time():
+    source = _Fresh(6)
+    batches = validate_image(source)
+    assert source.most_alive <= 1, f"{source.most_alive} earlier batches alive while validating"
+    gc.collect()
+    assert all(ref() is None for ref in source.made), "validation kept batches alive"
+    assert [float(batch[0].max()) for batch in batches] == [float(index) for index in range(6)]

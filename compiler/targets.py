@@ -109,10 +109,11 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
             # GPTQ rounding of the weights: +1.2-1.4 dB output SQNR on EfficientNet-Lite0 (7-bit
             # weights) for about 5 s of compile time (32 samples; depthwise convs keep nearest rounding).
             PassSpec("gptq"),
-            # Float layers cost layout changes around them, except at the model's input. On
-            # EfficientNet-Lite0 (VNNI CPU, 500 crops) the stem alone (2.8% of MACs) float gave 95.6%
-            # top-1 agreement and 24.9 dB, the stem and the first depthwise conv (3.7%) 96.2% and
-            # 27.3 dB at the same batch-1 latency; 10% of MACs cost 58-89% of latency (bench/int8_peers.py).
+            # Float layers cost layout changes around them (at the model's input, only after them).
+            # On EfficientNet-Lite0 (VNNI CPU, 500 crops) the stem alone float (2.8% of MACs) gave
+            # 95.6% top-1 agreement and 24.9 dB, the stem and the first depthwise conv (3.7%) 96.2%
+            # and 27.3 dB at about the same latency (batch 1 below quantize_static's, batch 16 7-17%
+            # above); 10% of MACs cost 1.28-1.89x quantize_static's latency (bench/int8_peers.py).
             PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4, "max_float_macs": 0.04}),
             PassSpec("bias_correction"),
             PassSpec("insert_qdq"),

@@ -12,11 +12,10 @@ at least ``1 - max_float_macs`` of the work stays in integer kernels.
 Quantisation noise from different layers roughly adds up at the output (on EfficientNet-Lite0 the
 sum of the single-layer noise powers gives 21.1 dB where the all-int8 model measures 22.9 dB; the
 single-layer runs count each activation quantiser twice, as one op's output and the next one's
-input), so an op whose noise alone,
-``10 ** (-sqnr_alone / 10)``, is under ``min_noise_share`` of the current output noise cannot buy
-much by going float, while a float layer between integer ones costs layout changes around it. The
-fallback stops there: on EfficientNet-Lite0 a depthwise conv at 42 dB was kept float for no change
-of output SQNR and 5% of batch-16 latency before this rule.
+input). So an op whose noise alone, ``10 ** (-sqnr_alone / 10)``, is under ``min_noise_share`` of
+the current output noise cannot buy much by going float, while a float layer between integer ones
+costs layout changes around it: the fallback stops there. Before this rule, a depthwise conv at
+42 dB was kept float on EfficientNet-Lite0 for no change of output SQNR and 5% of batch-16 latency.
 
 Decisions go into ``node.meta[QUANT_DECISION]`` (the policy keeps those ops in float); the graph
 itself is untouched, so the pass reports ``modified=False``. The ledger lists every op with its
@@ -207,7 +206,7 @@ class QuantSensitivity(Pass):
             share = _noise_share(row["sqnr_db"], quality["sqnr_db"])
             if share < self.options["min_noise_share"]:
                 quality["stopped"] = (f"{row['module_path'] or row['op']} holds {share:.1%} of the output noise, "
-                                      f"under min_noise_share {self.options['min_noise_share']:.0%}")
+                                      f"under min_noise_share {self.options['min_noise_share']:g}")
                 return chosen, quality
             op = by_name[row["op"]]
             chosen[op.name] = op

@@ -246,7 +246,7 @@ def test_fallback_stops_at_layers_holding_too_little_of_the_output_noise():
     assert every["float_ops"] == 4 and "stopped" not in every["quality"]
     strict = _fallback(min_noise_share=0.9)
     assert strict["float_ops"] < every["float_ops"]
-    assert "of the output noise, under min_noise_share 90%" in strict["quality"]["stopped"]
+    assert "of the output noise, under min_noise_share 0.9" in strict["quality"]["stopped"]
     # The layers it kept float are the most harmful ones, in order.
     ranked = [row["module_path"] for row in sorted(strict["layers"], key=lambda row: row["sqnr_db"])]
     floated = [row["module_path"] for row in strict["layers"] if row["decision"] == "float"]

@@ -15,7 +15,8 @@ Classifiers (efficientnet-lite0; optionally digits-cnn, resnet18, mobilenet-v2):
 - ``pt2e-x86-inductor``: ``torchao.quantization.pt2e`` with ``X86InductorQuantizer``, then
   ``torch.compile`` (efficientnet-lite0 only, and only where ``import torchao`` works).
 
-Columns: p50 latency (ms) at batch 1 and 16, ratio to ``quantize_static`` (< 1: faster), top-1
+Columns: p50 latency (ms) at batch 1 and 16, ratio to ``quantize_static`` (< 1: faster; in
+brackets the smallest and largest ratio of the interleaved blocks, i.e. the run's noise), top-1
 agreement with eager fp32, true accuracy where the zoo has labels (digits-cnn), SQNR of the
 logits in dB (the measure for the random-weight models), ``model.onnx`` size and % of fp32.
 
@@ -53,7 +54,7 @@ import onnx
 import torch
 
 from backends.onnxruntime import make_session
-from compiler.benchmark import peak_rss_mb, plain_export, thread_settings, time_side_by_side
+from compiler.benchmark import block_ratios, peak_rss_mb, plain_export, thread_settings, time_side_by_side
 
 CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
 ENCODERS = ("minilm-l6",)
@@ -463,11 +464,14 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
 
     ready = [p for p in pipelines if p.status == "ok"]
     latency: dict[str, dict[int, float]] = {p.name: {} for p in ready}
+    spread: dict[str, dict[int, tuple[float, float]]] = {p.name: {} for p in ready}
     for batch in BATCHES:
         stats = time_side_by_side({p.name: p.runners[batch] for p in ready}, batch,
                                   warmup=args.warmup, runs=args.repeats)
         for item in stats:
             latency[item.runner][batch] = item.p50_ms
+        for name, values in block_ratios(stats, peer, args.repeats).items():
+            spread[name][batch] = (min(values), max(values))
 
     reference = eager_outputs(zoo.model, evaluation)
     rows = []
@@ -479,6 +483,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                 row[f"p50_ms_b{batch}"] = latency[pipeline.name][batch]
                 base = latency.get(peer, {}).get(batch)
                 row[f"ratio_b{batch}"] = latency[pipeline.name][batch] / base if base else None
+                row[f"block_ratio_range_b{batch}"] = spread[pipeline.name].get(batch)
             try:
                 actual = pipeline.predict(evaluation)
                 row.update(embedding_quality(reference, actual) if encoder else
@@ -509,6 +514,13 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+def _ratio(row: dict, batch: int) -> str:
+    """``0.98x (0.93-1.04)``: the p50 ratio, and the range of the ratios of the interleaved blocks."""
+    ratio, block_range = row.get(f"ratio_b{batch}"), row.get(f"block_ratio_range_b{batch}")
+    text = _fmt(ratio, ".2f", "x")
+    return text if not block_range else f"{text} ({block_range[0]:.2f}-{block_range[1]:.2f})"
+
+
 def render(result: dict) -> str:
     encoder = result["kind"] == "embedding"
     peer = result["peer"].removeprefix("ort-")
@@ -524,7 +536,7 @@ def render(result: dict) -> str:
             lines.append(f"{row['pipeline']}: {row['status']}")
             continue
         cell = [row["pipeline"], _fmt(row.get("p50_ms_b1"), ".2f"), _fmt(row.get("p50_ms_b16"), ".2f"),
-                _fmt(row.get("ratio_b1"), ".2f", "x"), _fmt(row.get("ratio_b16"), ".2f", "x")]
+                _ratio(row, 1), _ratio(row, 16)]
         if encoder:
             cell += [_fmt(row.get("cosine_mean"), ".4f"), _fmt(row.get("cosine_min"), ".4f"),
                      _fmt(None if row.get("nn_agreement") is None else 100 * row["nn_agreement"], ".1f", "%")]
@@ -539,7 +551,8 @@ def render(result: dict) -> str:
     widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in [header, ["-" * w for w in widths], *cells]]
-    title = (f"{result['model']}: p50 of interleaved blocks; quality on {result['evaluation_samples']} evaluation "
+    title = (f"{result['model']}: p50 of interleaved blocks (in brackets: the range of the per-block ratios); "
+             f"quality on {result['evaluation_samples']} evaluation "
              f"samples vs eager fp32; {result['calibration_samples']} calibration samples"
              + (f"; seq len {result['seq_len']}" if encoder else ""))
     extra = ([f"eager fp32 accuracy {100 * result['eager_fp32_accuracy']:.1f}%"]

@@ -102,6 +102,27 @@ def ratios(stats: list[LatencyStats], reference: str) -> dict[str, float]:
     return {name: item.p50_ms / base.p50_ms for name, item in by_runner.items() if name != reference}
 
 
+def block_ratios(stats: list[LatencyStats], reference: str, runs: int) -> dict[str, list[float]]:
+    """Per block of :func:`time_side_by_side`, each runner's median over ``reference``'s, in run order.
+
+    Blocks are timed in rotation, so block ``i`` of two runners saw the same machine state; their
+    spread says how far the overall p50 ratio can be trusted (a ratio between the smallest and the
+    largest block ratio is within the noise of the run).
+    """
+    block = max(1, runs // 10)
+    by_runner = {item.runner: item.samples_ms for item in stats}
+    base = by_runner.get(reference)
+    if base is None:
+        return {}
+
+    def medians(samples: list[float]) -> list[float]:
+        return [float(np.median(samples[start:start + block])) for start in range(0, len(samples), block)]
+
+    base_medians = medians(base)
+    return {name: [mine / theirs for mine, theirs in zip(medians(samples), base_medians, strict=True)]
+            for name, samples in by_runner.items() if name != reference}
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

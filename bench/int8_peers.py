@@ -470,7 +470,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                                   warmup=args.warmup, runs=args.repeats)
         for item in stats:
             latency[item.runner][batch] = item.p50_ms
-        for name, values in block_ratios(stats, peer, args.repeats).items():
+        for name, values in block_ratios(stats, peer).items():
             spread[name][batch] = (min(values), max(values))
 
     reference = eager_outputs(zoo.model, evaluation)

@@ -69,7 +69,7 @@ def time_side_by_side(
         for _ in range(warmup):
             runner()
     samples: dict[str, list[float]] = {name: [] for name in runners}
-    block = max(1, runs // 10)
+    block = _block_size(runs)
     for start in range(0, runs, block):
         count = min(block, runs - start)
         for name, runner in runners.items():
@@ -102,18 +102,23 @@ def ratios(stats: list[LatencyStats], reference: str) -> dict[str, float]:
     return {name: item.p50_ms / base.p50_ms for name, item in by_runner.items() if name != reference}
 
 
-def block_ratios(stats: list[LatencyStats], reference: str, runs: int) -> dict[str, list[float]]:
+def _block_size(runs: int) -> int:
+    """Runs per block of :func:`time_side_by_side`: about a tenth of them."""
+    return max(1, runs // 10)
+
+
+def block_ratios(stats: list[LatencyStats], reference: str) -> dict[str, list[float]]:
     """Per block of :func:`time_side_by_side`, each runner's median over ``reference``'s, in run order.
 
     Blocks are timed in rotation, so block ``i`` of two runners saw the same machine state; their
     spread says how far the overall p50 ratio can be trusted (a ratio between the smallest and the
     largest block ratio is within the noise of the run).
     """
-    block = max(1, runs // 10)
     by_runner = {item.runner: item.samples_ms for item in stats}
     base = by_runner.get(reference)
     if base is None:
         return {}
+    block = _block_size(len(base))
 
     def medians(samples: list[float]) -> list[float]:
         return [float(np.median(samples[start:start + block])) for start in range(0, len(samples), block)]

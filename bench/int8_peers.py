@@ -393,6 +393,38 @@ def classifier_quality(reference: torch.Tensor, actual: torch.Tensor, labels: to
     return quality
 
 
+def rounded_to_uint8(inputs: tuple[torch.Tensor, ...], ranges: tuple[tuple[float, float], ...]) -> tuple:
+    """Each floating input fake-quantised to a per-tensor uint8 grid over its (low, high) range, 0 included."""
+    rounded = []
+    for tensor, (low, high) in zip(inputs, ranges, strict=True):
+        if not tensor.is_floating_point():
+            rounded.append(tensor)
+            continue
+        low, high = min(low, 0.0), max(high, 0.0)
+        scale = (high - low) / 255 if high > low else 1.0
+        zero_point = min(255, max(0, round(-low / scale)))
+        rounded.append(torch.fake_quantize_per_tensor_affine(tensor.float(), scale, zero_point, 0, 255))
+    return tuple(rounded)
+
+
+def input_rounding_ceiling(model: torch.nn.Module, calibration: tuple[torch.Tensor, ...],
+                           evaluation: tuple[torch.Tensor, ...], reference: torch.Tensor) -> dict:
+    """Eager fp32 on its evaluation inputs rounded to uint8 over the calibration range.
+
+    A pipeline whose first layer runs in integer kernels quantises the input this way before
+    anything else, so its agreement with fp32 can at best approach this one's.
+    """
+    ranges = tuple((float(t.min()), float(t.max())) if t.is_floating_point() else (0.0, 0.0) for t in calibration)
+    rounded = eager_outputs(model, rounded_to_uint8(evaluation, ranges))
+    return classifier_quality(reference, rounded, None)
+
+
+def top2_margins(logits: torch.Tensor) -> torch.Tensor:
+    """Per sample, the softmax probability of the top class minus that of the runner-up."""
+    top2 = logits.double().softmax(dim=1).topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
 def embedding_quality(reference: torch.Tensor, actual: torch.Tensor) -> dict:
     reference, actual = reference.double(), actual.double()
     cosine = torch.nn.functional.cosine_similarity(reference, actual, dim=1)
@@ -470,8 +502,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                                   warmup=args.warmup, runs=args.repeats)
         for item in stats:
             latency[item.runner][batch] = item.p50_ms
-        for name, values in block_ratios(stats, peer).items():
-            spread[name][batch] = (min(values), max(values))
+        for runner, values in block_ratios(stats, peer).items():
+            spread[runner][batch] = (min(values), max(values))
 
     reference = eager_outputs(zoo.model, evaluation)
     rows = []
@@ -495,9 +527,16 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     for row in rows:
         row["size_pct_fp32"] = 100 * row["size_bytes"] / fp32_size if row["size_bytes"] and fp32_size else None
     reference_labels = None if labels is None else float((reference.argmax(1) == labels).double().mean())
+    fragility = None
+    if not encoder:
+        margins = top2_margins(reference)
+        fragility = {"uint8_input": input_rounding_ceiling(zoo.model, calibration, evaluation, reference),
+                     "margin_below_0.05": float((margins < 0.05).double().mean()),
+                     "median_top1_probability": float(reference.double().softmax(1).amax(1).median())}
     result = {"model": name, "kind": "embedding" if encoder else "classification", "peer": peer,
               "calibration_samples": args.calib, "evaluation_samples": args.eval,
-              "seq_len": args.seq_len if encoder else None, "eager_fp32_accuracy": reference_labels, "rows": rows}
+              "seq_len": args.seq_len if encoder else None, "eager_fp32_accuracy": reference_labels, "rows": rows,
+              "fragility": fragility}
     print(render(result), flush=True)
     return result
 
@@ -557,6 +596,15 @@ def render(result: dict) -> str:
              + (f"; seq len {result['seq_len']}" if encoder else ""))
     extra = ([f"eager fp32 accuracy {100 * result['eager_fp32_accuracy']:.1f}%"]
              if result["eager_fp32_accuracy"] is not None else [])
+    fragility = result.get("fragility")
+    if fragility:
+        ceiling = fragility["uint8_input"]
+        extra += [f"eager fp32 with its input rounded to uint8 over the calibration range (what an integer first "
+                  f"layer sees): top-1 agreement {100 * ceiling['top1_agreement']:.1f}%, "
+                  f"{_fmt(ceiling['sqnr_db'], '.1f')} dB",
+                  f"evaluation samples whose fp32 top-2 probabilities lie within 0.05: "
+                  f"{100 * fragility['margin_below_0.05']:.1f}% (median top-1 probability "
+                  f"{fragility['median_top1_probability']:.2f})"]
     return "\n".join([title, *table, *extra, *lines])
 
 

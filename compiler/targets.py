@@ -129,8 +129,9 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
     ),
     "cpu-int8-dynamic": Target(
         name="cpu-int8-dynamic",
-        description="dynamic int8 Linear layers on ONNX Runtime's CPU provider (DynamicQuantizeMatMul, per-column "
-                    "weights, no calibration), for Linear-heavy models such as transformers; the rest in fp32",
+        description="dynamic int8 Linear layers on ONNX Runtime's CPU provider (int8 GEMMs that quantise their "
+                    "input at run time, per-column weights, no calibration), for Linear-heavy models such as "
+                    "transformers; the rest in fp32",
         pipeline=_FP32,
         backend="onnxruntime",
         backend_options={"opset": 18, "graph_optimization_level": "all", "dynamic_quantization": True},

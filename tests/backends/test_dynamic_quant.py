@@ -69,6 +69,10 @@ def _quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.op_type == "DynamicQuantizeMatMul"]
 
 
+def _integer_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if node.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")]
+
+
 @pytest.fixture(scope="module")
 def mlp():
     module = GeluMLP().eval()
@@ -80,10 +84,13 @@ def test_every_linear_becomes_dynamic_quantize_matmul(mlp):
     _, _, model = mlp
     quantized, stats = quantize_dynamic_linears(model, NO_VNNI)
     onnx.checker.check_model(quantized)
-    assert stats["matmuls"] == 3 and stats["nodes"] == 2  # the two Linears reading x are fused
-    assert all(len(node.input) == 5 and node.input[4] for node in _quantized_nodes(quantized))  # biases kept
+    assert stats["matmuls"] == 3 and stats["activation_quantizations"] == 2  # two Linears read x
+    ops = [node.op_type for node in quantized.graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ops.count("MatMulIntegerToFloat") == 2
+    assert ops.count("DynamicQuantizeLinear") == 1  # shared by the two Linears reading x
+    assert all(node.input[-1] for node in _integer_nodes(quantized))  # biases kept
     assert not [node for node in quantized.graph.node if node.op_type in ("MatMul", "Gemm")]
-    assert all(node.domain == "com.microsoft" for node in _quantized_nodes(quantized))
+    assert all(node.domain == "com.microsoft" for node in _integer_nodes(quantized))
     assert {entry.domain: entry.version for entry in quantized.opset_import}["com.microsoft"] == 1
 
 
@@ -111,7 +118,7 @@ def test_vnni_uses_8_bits_everywhere(mlp):
 def test_runs_in_onnxruntime_close_to_fp32(mlp, fuse):
     module, x, model = mlp
     quantized, stats = quantize_dynamic_linears(model, NO_VNNI, fuse_shared_input=fuse)
-    assert stats["fused_groups"] == (1 if fuse else 0)  # body[0] and head read the same input
+    assert stats["shared_input_groups"] == (1 if fuse else 0)  # body[0] and head read the same input
     with torch.no_grad():
         reference = module(x).numpy()
     output = _run(quantized, x)
@@ -127,8 +134,16 @@ def test_optimised_graph_keeps_the_integer_op(mlp, tmp_path):
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
     optimised = onnx.load(options.optimized_model_filepath)
-    assert _quantized_nodes(optimised)
+    assert len(_integer_nodes(optimised)) == 3
     assert not [node for node in optimised.graph.node if node.op_type in ("MatMul", "Gemm", "FusedMatMul")]
+
+
+def test_sharing_the_activation_quantisation_changes_no_output_bit(mlp):
+    _, x, model = mlp
+    shared, _ = quantize_dynamic_linears(model, VNNI)
+    separate, _ = quantize_dynamic_linears(model, VNNI, fuse_shared_input=False)
+    assert "MatMulIntegerToFloat" in {node.op_type for node in shared.graph.node}
+    np.testing.assert_array_equal(_run(shared, x), _run(separate, x))
 
 
 def test_quantize_weight_bounds_and_zero_columns():
@@ -155,4 +170,4 @@ def test_model_without_linears_unchanged():
     model = _model([nodes[0], nodes[2], nodes[1]], [])
     quantized, stats = quantize_dynamic_linears(model, NO_VNNI)
     assert quantized is model
-    assert stats["matmuls"] == 0 and stats["nodes"] == 0 and stats["weight_bits"] == {}
+    assert stats["matmuls"] == 0 and stats["activation_quantizations"] == 0 and stats["weight_bits"] == {}

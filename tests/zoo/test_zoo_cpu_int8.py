@@ -49,3 +49,25 @@ def test_most_conv_macs_run_in_integer_kernels(name, tmp_path):
                          disabled_optimizers=list(DISABLED_OPTIMIZERS))
     ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
     assert ops["QLinearConv"] == len(integer), ops
+
+
+def test_minilm_runs_at_least_90_percent_of_its_matmul_macs_in_integer_kernels(tmp_path):
+    source = resolve("minilm-l6")
+    compiled = fxpress_compile(source.model, "cpu-int8", source.example_inputs, dynamic_dims=source.dynamic_dims,
+                               model_name="minilm-l6")
+    assert compiled.report.target == "cpu-int8-dynamic"  # Linear-heavy: handed over, and recorded
+    macs = collections.Counter()
+    for node in compiled.graph_module.graph.nodes:
+        macs[str(node.target)] += node.meta.get(meta.MACS, 0) or 0
+    linears = [node for node in compiled.graph_module.graph.nodes if str(node.target) == "aten.linear.default"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(compiled.onnx.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    ops = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    # every Linear is one integer GEMM in the runtime's own graph; only attention's two products stay float
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"] == len(linears) == 36, ops
+    assert ops["MatMul"] + ops["FusedMatMul"] == 12 and not ops["Gemm"], ops
+    integer = macs["aten.linear.default"]
+    total = integer + macs["aten.matmul.default"]
+    assert total == sum(macs.values()) and integer / total >= 0.9, macs

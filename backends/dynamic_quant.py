@@ -249,21 +249,22 @@ def _rewrite(graph: ir.Graph, group: list[_Linear], prefix: str) -> None:
         outputs = [node.outputs[0] for node in new_nodes[1:]]
     graph.insert_before(first, new_nodes)
     for linear, output in zip(group, outputs, strict=True):
-        _replace(linear.output, output)
+        replace_value(linear.output, output)
         graph.remove(list(reversed(linear.nodes)), safe=True)
 
 
 def _weight_inputs(graph: ir.Graph, prefix: str, weight: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
                    *, zero_point: bool) -> list[ir.Value | None]:
     """Initializers for B, its per-column scales, (its zero points, all 0,) and the bias (None without)."""
-    values = [_initializer(graph, f"{prefix}_B", weight), _initializer(graph, f"{prefix}_b_scale", scale)]
+    values = [add_initializer(graph, f"{prefix}_B", weight), add_initializer(graph, f"{prefix}_b_scale", scale)]
     if zero_point:
-        values.append(_initializer(graph, f"{prefix}_b_zero_point", np.zeros(weight.shape[1], np.int8)))
-    values.append(_initializer(graph, f"{prefix}_bias", bias.astype(np.float32)) if bias is not None else None)
+        values.append(add_initializer(graph, f"{prefix}_b_zero_point", np.zeros(weight.shape[1], np.int8)))
+    values.append(add_initializer(graph, f"{prefix}_bias", bias.astype(np.float32)) if bias is not None else None)
     return values
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as an initializer of ``graph`` named ``name``; returns its value."""
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     value.shape = ir.Shape(array.shape)
     value.dtype = value.const_value.dtype
@@ -271,7 +272,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _replace(old: ir.Value, new: ir.Value) -> None:
+def replace_value(old: ir.Value, new: ir.Value) -> None:
     """Point every use of ``old`` at ``new``, keeping a graph output's name."""
     new.shape, new.type = old.shape, old.type
     name = old.name

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import torch
 
 from backends.dynamic_quant import quantize_dynamic_linears
+from backends.embedding_quant import quantize_embedding_tables
 from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
 from backends.ort_fusions import fuse_gelu
 from backends.weight_storage import store_exact_half_weights
@@ -77,9 +78,10 @@ class OnnxRuntimeBackend(Backend):
     """Lower to ONNX and run with ONNX Runtime's CPU execution provider."""
 
     name = "onnxruntime"
-    # dynamic_quantization: Linear layers to int8 DynamicQuantizeMatMul after export (backends.dynamic_quant)
+    # dynamic_quantization: Linear layers to int8 DynamicQuantizeMatMul after export (backends.dynamic_quant);
+    # quantize_embeddings: large Gather tables stored as int8 rows (backends.embedding_quant)
     default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0,
-                       "dynamic_quantization": False}
+                       "dynamic_quantization": False, "quantize_embeddings": False}
     minimum_opset = 17  # LayerNormalization, and the exporter's torchlib, need 17
 
     def __init__(self, **options):
@@ -102,6 +104,9 @@ class OnnxRuntimeBackend(Backend):
         quantization = None
         if self.options["dynamic_quantization"]:
             model, quantization = quantize_dynamic_linears(model, int8_format())
+        embeddings = None
+        if self.options["quantize_embeddings"]:
+            model, embeddings = quantize_embedding_tables(model)
         runner = self.load(model)
         info = {
             "backend": self.name, "opset": _opset(model), "ir_version": model.ir_version,
@@ -113,6 +118,8 @@ class OnnxRuntimeBackend(Backend):
         }
         if quantization is not None:
             info["dynamic_quantization"] = quantization
+        if embeddings is not None:
+            info["embedding_quantization"] = embeddings
         return Lowered(model, runner, info)
 
     def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:

@@ -164,12 +164,20 @@ def _lowering_lines(ledger: Ledger) -> list[str]:
     if not lowering:
         return []
     drift = lowering.get("drift", {})
-    return [
+    lines = [
         f"lowered by {lowering.get('backend')} in {lowering.get('seconds', 0.0):.1f} s: "
         f"{lowering.get('onnx_nodes', 0)} ONNX nodes, opset {lowering.get('opset')}, "
         f"IR version {lowering.get('ir_version')}; vs eager max|diff| {drift.get('max_abs', 0.0):.1e}, "
         f"cosine {drift.get('cosine', 1.0):.6f}"
     ]
+    if dynamic := lowering.get("dynamic_quantization"):
+        lines.append(f"dynamic int8: {dynamic['matmuls']} Linear layers, {dynamic['activation_quantizations']} "
+                     f"run-time activation quantisations, weight bits {_short(dynamic['weight_bits'])}")
+    if embeddings := lowering.get("embedding_quantization"):
+        tables = ", ".join(f"{table['name']} {'x'.join(map(str, table['shape']))}" for table in embeddings["tables"])
+        lines.append(f"embedding tables as int8 rows: {tables or 'none'} "
+                     f"({embeddings['bytes_saved'] / 1e6:.1f} MB saved)")
+    return lines
 
 
 def _format_row(row, widths) -> str:

@@ -71,3 +71,8 @@ def test_minilm_runs_at_least_90_percent_of_its_matmul_macs_in_integer_kernels(t
     integer = macs["aten.linear.default"]
     total = integer + macs["aten.matmul.default"]
     assert total == sum(macs.values()) and integer / total >= 0.9, macs
+    # the word and position tables are stored as int8 rows, and the report says so
+    int8_tables = [list(init.dims) for init in compiled.onnx.graph.initializer
+                   if init.data_type == onnx.TensorProto.INT8 and init.dims[0] in (30522, 512)]
+    assert sorted(int8_tables) == [[512, 384], [30522, 384]], int8_tables
+    assert "embedding tables as int8 rows:" in str(compiled.report) and "30522x384" in str(compiled.report)

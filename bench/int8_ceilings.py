@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from bench.int8_peers import (
+    CLASSIFIERS,
     EVAL_CHUNK,
     _chunks,
     _finite,
@@ -46,8 +47,6 @@ from bench.int8_peers import (
     input_rounding_ceiling,
 )
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
-
-CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
 
 
 def _float_tensor(float_gm: fx.GraphModule, stored_target: str) -> torch.Tensor:
@@ -123,12 +122,12 @@ def runtime_outputs(compiled, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.cat([_first_output(compiled(*chunk)) for chunk in _chunks(inputs, EVAL_CHUNK)])
 
 
-def compile_pair(zoo, calibration: tuple[torch.Tensor, ...], max_float_macs: float | None, name: str):
-    """The zoo model compiled for cpu-int8 (float-MAC budget ``max_float_macs``) and for cpu-fp32."""
+def compile_pair(zoo, calibration: tuple[torch.Tensor, ...], target, name: str):
+    """The zoo model compiled for ``target`` (a cpu-int8 Target) and for cpu-fp32."""
     from compiler import compile
 
     model = zoo.model.eval()
-    compiled = compile(model, target=fxpress_target(max_float_macs), example_inputs=zoo.example_inputs,
+    compiled = compile(model, target=target, example_inputs=zoo.example_inputs,
                        calibration_data=list(_chunks(calibration, EVAL_CHUNK)), model_name=name)
     float_compiled = compile(model, target="cpu-fp32", example_inputs=zoo.example_inputs, model_name=name)
     return compiled, float_compiled
@@ -160,10 +159,10 @@ def ceilings(name: str, evaluations: int, calibrations: int, max_float_macs: flo
 
     zoo = models.load(name)
     calibration = tuple(zoo.calibration_data(calibrations))
-    compiled, float_compiled = compile_pair(zoo, calibration, max_float_macs, name)
+    target = fxpress_target(max_float_macs)
+    compiled, float_compiled = compile_pair(zoo, calibration, target, name)
     rows = ceiling_rows(zoo.model.eval(), compiled, float_compiled, calibration, tuple(zoo.eval_data(evaluations)))
-    target = fxpress_target(max_float_macs).to_dict()
-    return {"model": name, "eval": evaluations, "calib": calibrations, "target": target, "rows": rows}
+    return {"model": name, "eval": evaluations, "calib": calibrations, "target": target.to_dict(), "rows": rows}
 
 
 def render(result: dict) -> str:

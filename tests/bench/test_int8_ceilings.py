@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.int8_ceilings import ceiling_rows, compile_pair, render, strip_quantization
+from bench.int8_peers import fxpress_target
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 
 
@@ -21,7 +22,7 @@ def digits():
 
     zoo = models.load("digits-cnn")
     calibration = tuple(zoo.calibration_data(64))
-    compiled, float_compiled = compile_pair(zoo, calibration, None, "digits-cnn")
+    compiled, float_compiled = compile_pair(zoo, calibration, fxpress_target(None), "digits-cnn")
     return zoo, calibration, compiled, float_compiled
 
 

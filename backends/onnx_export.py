@@ -22,7 +22,7 @@ from torch.export import Dim
 
 from backends.quant_translations import TRANSLATIONS
 from compiler import ir, meta
-from compiler.capture import DynamicDims, widen_inputs
+from compiler.dynamic_shapes import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError
 from compiler.quiet import quiet_torch
 

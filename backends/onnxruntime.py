@@ -15,7 +15,7 @@ from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_vers
 from backends.ort_fusions import fuse_gelu
 from backends.weight_storage import store_exact_half_weights
 from compiler.backend_base import Backend, Lowered, LoweringRequest
-from compiler.errors import ArtifactError, TargetError, UsageError
+from compiler.errors import ArtifactError, InputError, TargetError
 from compiler.isa import int8_format
 
 _LEVELS = {
@@ -38,7 +38,7 @@ class OnnxRuntimeRunner:
         """Check the inputs against the session's, run, and return torch tensors."""
         if len(inputs) != len(self.inputs):
             names = ", ".join(spec.name for spec in self.inputs)
-            raise UsageError(f"the model takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
+            raise InputError(f"the model takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
         feed = {spec.name: _to_numpy(spec, value) for spec, value in zip(self.inputs, inputs, strict=True)}
         outputs = self.session.run(self.output_names, feed)
         return tuple(torch.from_numpy(np.asarray(output)) for output in outputs)
@@ -46,13 +46,13 @@ class OnnxRuntimeRunner:
 
 def _to_numpy(spec, value: object) -> np.ndarray:
     if not isinstance(value, torch.Tensor):
-        raise UsageError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputError(f"input {spec.name!r} must be a torch.Tensor, got {type(value).__name__}")
     array = value.detach().cpu().numpy()
     expected = spec.type.removeprefix("tensor(").removesuffix(")")
     if array.dtype.name != {"float": "float32", "double": "float64"}.get(expected, expected):
-        raise UsageError(f"input {spec.name!r} must have dtype {expected}, got {array.dtype.name}")
+        raise InputError(f"input {spec.name!r} must have dtype {expected}, got {array.dtype.name}")
     if len(spec.shape) != array.ndim:
-        raise UsageError(f"input {spec.name!r} must have rank {len(spec.shape)} {spec.shape}, got shape {array.shape}")
+        raise InputError(f"input {spec.name!r} must have rank {len(spec.shape)} {spec.shape}, got shape {array.shape}")
     return np.ascontiguousarray(array)
 
 

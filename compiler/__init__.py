@@ -16,6 +16,7 @@ from compiler.errors import (
     CaptureError,
     FallbackError,
     FxpressError,
+    InputError,
     LoweringError,
     PassError,
     TargetError,
@@ -28,7 +29,8 @@ from compiler.targets import TARGETS, PassSpec, Target, Tolerance
 
 __all__ = [
     "TARGETS", "AccuracyError", "ArtifactError", "CalibrationDataError", "CaptureError",
-    "CompiledModel", "FallbackError", "FxpressError", "Ledger", "LedgerEntry", "LoweringError", "PassError",
+    "CompiledModel", "FallbackError", "FxpressError", "InputError", "Ledger", "LedgerEntry", "LoweringError",
+    "PassError",
     "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",
     "VerificationError", "compile", "inspect", "load",
 ]

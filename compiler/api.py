@@ -47,11 +47,15 @@ def compile(  # noqa: A001 - the product's name for it
         example_inputs: a tensor or tuple of tensors the model accepts.
         calibration_data: sample inputs for targets that calibrate.
         dump_dir: write the IR after every pass there (``00_capture.txt``, ``01_<pass>.txt``, ...).
-        dynamic_dims: ``{input index: {dim: (name, min, max)}}``; default: batch, and sequence for
-            integer rank-2 inputs.
+        dynamic_dims: ``{input index: {dim: (name, min, max)}}``, max None for as far as the model
+            allows; default: batch, and sequence for integer rank-2 inputs. The exporter narrows
+            each range to what the model accepts (the ledger records it); ``{}`` asks for static
+            shapes. Where the requested dims do not trace, capture falls back to batch-only and
+            then static shapes, logs a warning and records the fallback.
         verify: check the graph after every pass (on by default).
         model_name: the name used in the ledger.
-        strict: raise FallbackError if the ledger records any fallback.
+        strict: raise FallbackError if the ledger records any fallback (a capture fallback fails
+            before any pass runs).
         progress: called with a step name as each step (capture, every pass, lowering) finishes.
 
     Returns:
@@ -61,7 +65,7 @@ def compile(  # noqa: A001 - the product's name for it
     backend = _backend(backend_target)  # a bad backend option fails now, not after the passes
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
-        dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress,
+        dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress, strict=strict,
     )
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
         backend = _backend(result.target)

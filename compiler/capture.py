@@ -5,15 +5,17 @@ Front ends are tried in order and the first that works is recorded:
 1. ``torch.fx.symbolic_trace``, then ``torch.export`` of the traced module to reach the ATen
    dialect (symbolic tracing keeps the module hierarchy, so provenance survives);
 2. ``torch.export`` (non-strict) of the model itself, for models symbolic tracing cannot follow,
-   such as the Hugging Face BERT in all-MiniLM-L6-v2;
-3. ``torch.export`` with static shapes: a recorded fallback when no dynamic shape traces.
+   such as the Hugging Face BERT in all-MiniLM-L6-v2.
 
+Shapes go down a ladder (:mod:`compiler.dynamic_shapes`), each rung below the first a recorded
+fallback: the requested dynamic dimensions, then the batch dimensions alone, then static shapes.
 The batch dimension is dynamic by default; so is dimension 1 of integer inputs of rank 2 (token
-ids and attention masks), up to the limit the model itself imposes.
+ids and attention masks), as far as the model allows.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -22,17 +24,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch.export import Dim
 
 from compiler import meta, mutation
+from compiler.dynamic_shapes import (
+    DynamicDims,
+    check_smallest_sizes,
+    default_dynamic_dims,
+    export_with_dims,
+    ladder_fallback,
+    resolved_dims,
+    shape_ladder,
+)
 from compiler.errors import CaptureError
 from compiler.quiet import quiet_torch
 from compiler.tracing_errors import ModuleTracker, explain_failure
 
 logger = logging.getLogger(__name__)
 
-# {input index: {dim index: (name, min, max)}}; max None means unbounded.
-DynamicDims = dict[int, dict[int, tuple[str, int, int | None]]]
+__all__ = ["Captured", "DynamicDims", "capture", "check_model", "default_dynamic_dims", "normalize_inputs"]
 
 
 @dataclass
@@ -65,16 +74,6 @@ def normalize_inputs(example_inputs: object) -> tuple[torch.Tensor, ...]:
     return tuple(example_inputs)
 
 
-def default_dynamic_dims(inputs: tuple[torch.Tensor, ...]) -> DynamicDims:
-    """Batch dynamic everywhere; sequence dynamic for integer inputs of rank 2."""
-    dims: DynamicDims = {}
-    for index, tensor in enumerate(inputs):
-        dims[index] = {0: ("batch", 1, None)} if tensor.dim() >= 1 else {}
-        if tensor.dim() == 2 and not tensor.is_floating_point() and tensor.dtype != torch.bool:
-            dims[index][1] = ("sequence", 1, None)
-    return dims
-
-
 def capture(
     model: torch.nn.Module,
     example_inputs: object,
@@ -85,36 +84,41 @@ def capture(
     Args:
         model: the model, in eval mode.
         example_inputs: a tensor or tuple of tensors the model accepts.
-        dynamic_dims: which input dimensions may vary; defaults to :func:`default_dynamic_dims`.
+        dynamic_dims: which input dimensions may vary, with the widest range wanted (max None: as
+            far as the model allows); defaults to :func:`default_dynamic_dims`. ``{}`` asks for
+            static shapes.
 
     Raises:
         CaptureError: naming the module path and source line that broke tracing.
     """
     inputs = normalize_inputs(example_inputs)
     check_model(model, inputs)
-    dims = default_dynamic_dims(inputs) if dynamic_dims is None else dynamic_dims
+    requested = default_dynamic_dims(inputs) if dynamic_dims is None else dynamic_dims
     started = time.perf_counter()
     attempts: list[dict[str, str]] = []
     errors: list[tuple[str, BaseException, str]] = []
     versions = mutation.tensor_versions(model)
-    for front_end, trace in _front_ends(dims):
+    for front_end, trace, dims in _front_ends(model, requested):
         tracker = ModuleTracker(model)
         try:
             with tracker, quiet_torch():
-                program, used_dims = trace(model, inputs)
+                program = trace(inputs)
         except Exception as error:  # noqa: BLE001 - every failure is reported, then the next is tried
             attempts.append({"front_end": front_end, "error": _one_line(error)})
             errors.append((front_end, error, tracker.failed_path))
             logger.info("capture: %s failed: %s", front_end, _one_line(error))
             continue
         mutation.refuse_changed_state(model, versions)
-        captured = _finish(program, model, inputs, used_dims, front_end)
+        captured = _finish(program, model, inputs, dims, front_end)
         attempts.append({"front_end": front_end, "error": ""})
         captured.attempts = attempts
-        if front_end.endswith("static shapes"):
-            captured.fallbacks.append("dynamic shapes failed to trace; all input shapes are fixed")
+        if dims is not requested:
+            captured.fallbacks.append(ladder_fallback(front_end, dims, inputs, captured.input_names, errors[-1][1]))
+        captured.dynamic_dims, smallest = check_smallest_sizes(model, captured.graph_module, inputs,
+                                                               captured.dynamic_dims)
+        captured.fallbacks.extend(smallest)
         captured.seconds = time.perf_counter() - started
-        logger.info("capture: %s in %.1f s", front_end, captured.seconds)
+        logger.info("capture: %s in %.1f s, dynamic dims %s", front_end, captured.seconds, captured.dynamic_dims)
         return captured
     raise explain_failure(errors, model)
 
@@ -147,63 +151,20 @@ def check_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Non
             )
 
 
-def _front_ends(dims: DynamicDims):
-    def fx_then_export(model, inputs):
-        traced = fx.symbolic_trace(model)
-        return _export(traced, inputs, dims)
+def _front_ends(model: torch.nn.Module, requested: DynamicDims):
+    """(front end, trace(inputs) -> ExportedProgram, dims) in the order to try them.
 
-    def export(model, inputs):
-        return _export(model, inputs, dims)
-
-    def export_static(model, inputs):
-        return torch.export.export(model, inputs, strict=False), {}
-
-    return (
-        ("torch.fx.symbolic_trace", fx_then_export),
-        ("torch.export", export),
-        ("torch.export, static shapes", export_static),
-    )
-
-
-def _export(model: torch.nn.Module, inputs: tuple, dims: DynamicDims):
-    """Non-strict export with the requested dims dynamic.
-
-    Size-1 dims are widened to 2 first, because export specialises dimensions of size 0 and 1.
+    Symbolic tracing is tried once, at the first rung: whether it can follow the model does not
+    depend on shapes, and the plain export of the lower rungs captures the same graph.
     """
-    trace_inputs = widen_inputs(inputs, dims)
-    dynamic_shapes = tuple(
-        {dim: Dim(name, min=low, max=high) if high else Dim(name, min=low)
-         for dim, (name, low, high) in dims.get(index, {}).items()}
-        or None
-        for index in range(len(inputs))
-    )
-    dynamic_shapes = _share_dims(dynamic_shapes)
-    program = torch.export.export(model, trace_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-    return program, dims
+    for rung, (suffix, dims) in enumerate(shape_ladder(requested)):
+        if rung == 0:
+            yield "torch.fx.symbolic_trace", functools.partial(_fx_then_export, model, dims=dims), dims
+        yield f"torch.export{suffix}", functools.partial(export_with_dims, model, dims=dims), dims
 
 
-def _share_dims(dynamic_shapes: tuple) -> tuple:
-    """Use one ``Dim`` object per name so that inputs agree (all batches are the same batch)."""
-    by_name: dict[str, Dim] = {}
-    shared = []
-    for spec in dynamic_shapes:
-        if spec is None:
-            shared.append(None)
-            continue
-        shared.append({dim: by_name.setdefault(value.__name__, value) for dim, value in spec.items()})
-    return tuple(shared)
-
-
-def widen_inputs(inputs: tuple[torch.Tensor, ...], dims: DynamicDims) -> tuple[torch.Tensor, ...]:
-    """Inputs with every dynamic dimension of size 1 doubled, for tracing (see ``_export``)."""
-    return tuple(_widen(tensor, dims.get(index, {})) for index, tensor in enumerate(inputs))
-
-
-def _widen(tensor: torch.Tensor, dims: dict[int, tuple]) -> torch.Tensor:
-    for dim in dims:
-        if tensor.shape[dim] == 1:
-            tensor = torch.cat([tensor, tensor], dim=dim)
-    return tensor
+def _fx_then_export(model: torch.nn.Module, inputs: tuple, dims: DynamicDims):
+    return export_with_dims(fx.symbolic_trace(model), inputs, dims)
 
 
 def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captured:
@@ -224,7 +185,7 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     gm.graph.lint()
     gm.recompile()
     input_names = _input_names(model, [node.name for node in gm.graph.nodes if node.op == "placeholder"])
-    return Captured(gm, front_end, input_names, output_spec, _resolved_dims(program, dims), constants)
+    return Captured(gm, front_end, input_names, output_spec, resolved_dims(program, dims), constants)
 
 
 def plain_containers(spec: pytree.TreeSpec) -> pytree.TreeSpec:
@@ -266,38 +227,6 @@ def _annotate_provenance(gm: fx.GraphModule) -> None:
             path, class_name = meta.module_path_from_stack(node.meta.get(meta.NN_MODULE_STACK))
             node.meta[meta.MODULE_PATH] = path
             node.meta[meta.MODULE_TYPE] = class_name
-
-
-def _resolved_dims(program, dims: DynamicDims) -> DynamicDims:
-    """The dims that really stayed dynamic, with the ranges export inferred for them."""
-    placeholders = [
-        spec.arg.name for spec in program.graph_signature.input_specs if spec.kind.name == "USER_INPUT"
-    ]
-    values = {node.name: node.meta.get(meta.VAL) for node in program.graph.nodes if node.op == "placeholder"}
-    resolved: DynamicDims = {}
-    for index, name in enumerate(placeholders):
-        resolved[index] = {}
-        for dim, (dim_name, _, _) in dims.get(index, {}).items():
-            size = values[name].shape[dim]
-            if isinstance(size, torch.SymInt):
-                low, high = _range_of(program, size)
-                resolved[index][dim] = (dim_name, low, high)
-    return resolved
-
-
-def _range_of(program, size: torch.SymInt) -> tuple[int, int | None]:
-    value_range = program.range_constraints.get(size.node.expr)
-    if value_range is None:
-        return 1, None
-    return max(1, _finite_int(value_range.lower) or 1), _finite_int(value_range.upper)
-
-
-def _finite_int(bound) -> int | None:
-    """A sympy range bound as an int, or None when it is infinite (``oo`` or torch's ``int_oo``)."""
-    try:
-        return int(bound) if bound.is_Integer else None
-    except (TypeError, ValueError, AttributeError):
-        return None
 
 
 def _one_line(error: BaseException) -> str:

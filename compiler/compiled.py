@@ -9,6 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from compiler.backend_base import Runner
+from compiler.input_spec import check_inputs, specs_from_manifest
 from compiler.int_emulation import emulate
 from compiler.report import Ledger
 
@@ -33,6 +34,7 @@ class CompiledModel:
         self._output_spec = output_spec
         self._output_constants = dict(output_constants or {})
         self.graph_module = graph_module  # the optimised IR; None for a model loaded from disk
+        self._input_specs = specs_from_manifest(manifest)
 
     @property
     def onnx(self) -> onnx.ModelProto:
@@ -45,13 +47,24 @@ class CompiledModel:
         return [spec["name"] for spec in self.manifest["inputs"]]
 
     def __call__(self, *inputs: torch.Tensor) -> object:
-        """Run on torch tensors; return torch tensors in the structure the original returned."""
+        """Run on torch tensors; return torch tensors in the structure the original returned.
+
+        Raises:
+            InputError: the inputs are not what the artifact accepts (their number, a dtype, a
+                rank, a size outside a dynamic dimension's range or different from a fixed one).
+        """
+        self.check_inputs(inputs)
         tensors = iter(self._runner.run(tuple(inputs)))
         flat = [
             self._output_constants[index] if index in self._output_constants else next(tensors)
             for index in range(self._output_spec.num_leaves)
         ]
         return pytree.tree_unflatten(flat, self._output_spec)
+
+    def check_inputs(self, inputs: tuple[object, ...]) -> None:
+        """Raise InputError unless ``inputs`` are what the artifact accepts (see :mod:`compiler.input_spec`)."""
+        if self._input_specs is not None:
+            check_inputs(self._input_specs, inputs)
 
     def simulate(self, *inputs: torch.Tensor, exact: bool = True) -> object:
         """Run the optimised IR in PyTorch, shaped like the model's outputs.
@@ -77,6 +90,7 @@ class CompiledModel:
             from compiler.errors import ArtifactError
 
             raise ArtifactError("a loaded model has no IR to simulate; compile() the model to get one")
+        self.check_inputs(inputs)
         if exact:
             tensors = iter(emulate(self.graph_module, *inputs))
         else:

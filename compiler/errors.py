@@ -19,6 +19,22 @@ class TargetError(UsageError):
     """An unknown or inconsistent target."""
 
 
+class InputError(UsageError):
+    """A call with inputs the artifact does not accept (count, dtype, rank, or a size out of range).
+
+    Attributes name the input, the dimension (None when the whole input is at fault), what was
+    given and what the artifact accepts.
+    """
+
+    def __init__(self, message: str, *, input_name: str | None = None, dimension: int | None = None,
+                 given: object = None, accepted: object = None):
+        super().__init__(message)
+        self.input_name = input_name
+        self.dimension = dimension
+        self.given = given
+        self.accepted = accepted
+
+
 class CaptureError(FxpressError):
     """The model could not be captured into the IR by any front end."""
 

@@ -38,10 +38,8 @@ def resolve(spec: str) -> ModelSource:
         known = ", ".join(models.names())
         raise UsageError(f"unknown model {spec!r}: give a zoo name ({known}) or path/to/file.py:factory")
     entry = models.load(spec)
-    dims = {
-        index: dict(entry.dynamic_dims.get(name, {})) for index, name in enumerate(entry.input_names)
-    }
-    return ModelSource(spec, entry.model, tuple(entry.example_inputs), dims, entry)
+    # No hand-written dims: the zoo goes through the defaults a user's own model gets.
+    return ModelSource(spec, entry.model, tuple(entry.example_inputs), None, entry)
 
 
 def _refuse_pickle(spec: str) -> None:

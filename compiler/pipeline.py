@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from compiler import ir, meta, probe
 from compiler.capture import Captured, DynamicDims, capture, check_model, normalize_inputs
-from compiler.errors import CalibrationDataError, CaptureError, TargetError
+from compiler.errors import CalibrationDataError, CaptureError, FallbackError, TargetError
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import PassManager
 from compiler.report import Ledger
@@ -87,14 +87,21 @@ def run_pipeline(
     verify: bool = True,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    strict: bool = False,
 ) -> PipelineResult:
-    """Capture ``model`` and run the target's passes with verification and a ledger."""
+    """Capture ``model`` and run the target's passes with verification and a ledger.
+
+    With ``strict``, a capture that fell back (shapes down the ladder) raises FallbackError before
+    any pass runs.
+    """
     target = get_target(target)
     build_passes(target)  # unknown passes and options fail before the model is traced
     inputs = normalize_inputs(example_inputs)
     check_model(model, inputs)
     reference = eager_reference(model, inputs)
     captured = capture(model, inputs, dynamic_dims)
+    if strict and captured.fallbacks:
+        raise FallbackError("strict mode: capture recorded a fallback: " + "; ".join(captured.fallbacks))
     if progress is not None:
         progress("capture")
     target, choice = choose_target(target, captured.graph_module, inputs)

@@ -301,7 +301,13 @@ def _hand_built_external_model(directory: Path, location: str, weights_path: Pat
 def test_external_data_inside_the_directory_loads(copy):
     """The control for the refusals below: the same hand-built model loads when its data is inside."""
     weights = _hand_built_external_model(copy, "weights.bin", copy / "weights.bin")
-    edit_manifest(copy, lambda manifest: manifest["files"].update({"weights.bin": sha256_of(copy / "weights.bin")}))
+
+    def describe_hand_built_model(manifest):
+        manifest["files"].update({"weights.bin": sha256_of(copy / "weights.bin")})
+        manifest["inputs"] = [{"name": "x", "dtype": "float32", "shape": [3, 4],
+                               "dynamic_dims": {"0": ["batch", 1, None]}}]
+
+    edit_manifest(copy, describe_hand_built_model)
     x = torch.randn(3, 4)
     assert torch.equal(load(copy)(x), x + torch.from_numpy(weights))
 

@@ -156,6 +156,7 @@ def _sessions_for(workload, inputs: tuple, compare: bool, threads: int) -> dict[
 
     from backends.onnxruntime import make_session
 
+    workload.compiled.check_inputs(inputs)  # a size the artifact does not accept is an InputError (exit 2)
     ours = make_session(workload.compiled.onnx, "all", threads)
     ours_feed = _feed(ours, inputs)
     runners = {"fxpress": lambda: ours.run(None, ours_feed)}

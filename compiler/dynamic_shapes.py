@@ -57,8 +57,10 @@ def export_with_dims(model: torch.nn.Module, inputs: tuple, dims: DynamicDims):
     """Non-strict ``torch.export`` with every requested dim a ``Dim.DYNAMIC`` hint within its range.
 
     Size-1 dims are widened to 2 first, because export specialises dimensions of size 0 and 1.
+    The inputs are copies: export marks the tensors it traces as dynamic, and a static rung
+    traced with the same tensors would inherit the marks of the rung above it.
     """
-    trace_inputs = widen_inputs(inputs, dims)
+    trace_inputs = tuple(tensor.clone() for tensor in widen_inputs(inputs, dims))
     per_input = tuple(
         {dim: Dim.DYNAMIC(min=low, max=high) if high else Dim.DYNAMIC(min=low)
          for dim, (_, low, high) in dims.get(index, {}).items()}
@@ -173,7 +175,8 @@ def _reason(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     bullet = next((line.removeprefix("- ") for line in lines[1:] if line.startswith("- ")), "")
-    return " ".join(filter(None, (lines[0], bullet.split(". ")[0])))[:300]
+    first = lines[0].split(" For more information")[0]
+    return " ".join(filter(None, (first, bullet.split(". ")[0])))[:300]
 
 
 def check_smallest_sizes(

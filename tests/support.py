@@ -43,3 +43,27 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(x).mean((2, 3)))
+
+
+class PositionTable(nn.Module):
+    """Token and position embeddings, like BERT: the sequence may not exceed the position table (32)."""
+
+    def __init__(self, positions: int = 32):
+        super().__init__()
+        self.tokens = nn.Embedding(50, 8)
+        self.positions = nn.Embedding(positions, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.tokens(input_ids) + self.positions.weight[: input_ids.shape[1]]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+
+
+def tokens(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded token ids in [0, 50) and a mask with the second half of the first row padded."""
+    generator = torch.Generator().manual_seed(batch * 1000 + length)
+    ids = torch.randint(0, 50, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return ids, mask

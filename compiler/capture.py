@@ -37,6 +37,7 @@ from compiler.dynamic_shapes import (
 )
 from compiler.errors import CaptureError
 from compiler.quiet import quiet_torch
+from compiler.shape_bounds import probe_upper_bounds
 from compiler.tracing_errors import ModuleTracker, explain_failure
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class Captured:
     output_constants: dict[int, object] = field(default_factory=dict)  # flat position -> None, ...
     attempts: list[dict[str, str]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    probed_bounds: dict[str, dict] = field(default_factory=dict)  # dim name -> {max, table_rows, reason}
     seconds: float = 0.0
 
 
@@ -117,6 +119,7 @@ def capture(
         captured.dynamic_dims, smallest = check_smallest_sizes(model, captured.graph_module, inputs,
                                                                captured.dynamic_dims)
         captured.fallbacks.extend(smallest)
+        captured.dynamic_dims, captured.probed_bounds = probe_upper_bounds(model, inputs, captured.dynamic_dims)
         captured.seconds = time.perf_counter() - started
         logger.info("capture: %s in %.1f s, dynamic dims %s", front_end, captured.seconds, captured.dynamic_dims)
         return captured

@@ -180,4 +180,5 @@ def _capture_record(captured: Captured) -> dict:
             captured.input_names[index]: {str(dim): list(spec) for dim, spec in dims.items()}
             for index, dims in captured.dynamic_dims.items()
         },
+        "probed_bounds": captured.probed_bounds,
     }

@@ -93,7 +93,8 @@ def render_table(ledger: Ledger) -> str:
     """The ledger as a fixed-width text table."""
     rows = [_initial_row(ledger)] + [_entry_row(i, e) for i, e in enumerate(ledger.entries, 1)]
     widths = [max(len(str(row[col])) for row in rows + [_COLUMNS]) for col in range(len(_COLUMNS))]
-    lines = [_header(ledger), _format_row(_COLUMNS, widths), _format_row(["-" * w for w in widths], widths)]
+    lines = [_header(ledger), *_dynamic_lines(ledger.capture), _format_row(_COLUMNS, widths),
+             _format_row(["-" * w for w in widths], widths)]
     lines += [_format_row(row, widths) for row in rows]
     lines += _lowering_lines(ledger)
     lines += [f"fallback: {text}" for text in ledger.fallbacks]
@@ -140,6 +141,22 @@ def _header(ledger: Ledger) -> str:
         f"fxpress ledger: model {ledger.model}, target {ledger.target}, front end "
         f"{capture.get('front_end', '?')} ({capture.get('seconds', 0.0):.1f} s)"
     )
+
+
+def _dynamic_lines(capture: dict[str, Any]) -> list[str]:
+    """The dimensions that may vary, with the bounds found, e.g. ``input_ids: batch >= 1, sequence 1..512``."""
+    dims = capture.get("dynamic_dims")
+    if dims is None:
+        return []
+    described = []
+    for name, per_input in dims.items():
+        ranges = [f"{spec[0]} {spec[1]}..{spec[2]}" if spec[2] is not None else f"{spec[0]} >= {spec[1]}"
+                  for _, spec in sorted(per_input.items())]
+        described.append(f"{name}: {', '.join(ranges) or 'static'}")
+    lines = [f"dynamic dims: {'; '.join(described)}"]
+    lines += [f"bound probed: {name} <= {record['max']}: {record['reason']}"
+              for name, record in capture.get("probed_bounds", {}).items()]
+    return lines
 
 
 def _initial_row(ledger: Ledger) -> list[str]:

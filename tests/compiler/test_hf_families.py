@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import transformers
 
-from compiler import compile
+from compiler import InputError, compile
 
 RTOL, ATOL = 1e-3, 1e-5  # fp32 vs ONNX Runtime
 VOCAB = 100
@@ -138,14 +138,16 @@ class Family:
     build: Callable[[], nn.Module]
     inputs: Callable[[int, int, int], tuple[torch.Tensor, ...]]  # (batch, length, seed) -> inputs
     tokens: bool
-    sequence_max: int | None = None  # the bound the ledger records for the sequence, where asserted
+    sequence_max: int | None = None  # the sequence bound the ledger records (None: unbounded)
+    probed: bool = False  # the bound comes from eager probes, not from export
 
 
 FAMILIES = [
     Family("bert", bert, token_inputs, tokens=True, sequence_max=64),
     Family("distilbert", distilbert, token_inputs, tokens=True, sequence_max=64),
-    Family("roberta", roberta, token_inputs, tokens=True),
-    Family("gpt2", gpt2, token_inputs, tokens=True),
+    # RoBERTa's positions start after its padding index (1): 64 rows hold sequences of 62
+    Family("roberta", roberta, token_inputs, tokens=True, sequence_max=62, probed=True),
+    Family("gpt2", gpt2, token_inputs, tokens=True, sequence_max=64, probed=True),
     Family("vit", vit, image_inputs, tokens=False),
     Family("whisper-encoder", whisper_encoder, audio_inputs, tokens=False),
     Family("t5-encoder", t5_encoder, token_inputs, tokens=True),
@@ -184,9 +186,24 @@ def test_batch_and_sequence_are_dynamic(compiled_family):
             assert dims["1"][0] == "sequence", f"{family.name} {record['name']}: {dims}"
         else:
             assert set(dims) == {"0"}, f"{family.name} {record['name']}: {dims}"
-    if family.sequence_max is not None:
+    if family.tokens:  # T5's relative positions have no bound
         for name, dims in compiled.report.capture["dynamic_dims"].items():
             assert dims["1"][2] == family.sequence_max, f"{family.name} {name}: {dims}"
+    probed = compiled.report.capture["probed_bounds"]
+    assert (probed["sequence"]["max"] if family.probed else probed) == (family.sequence_max if family.probed else {})
+
+
+def test_a_sequence_past_the_bound_is_an_input_error_and_eager_fails_there_too(compiled_family):
+    family, model, compiled = compiled_family
+    if family.sequence_max is None:
+        pytest.skip(f"{family.name} has no sequence bound")
+    inputs = family.inputs(1, family.sequence_max + 1, 0)
+    message = f"is {family.sequence_max + 1}; the artifact accepts 1 to {family.sequence_max}"
+    with pytest.raises(InputError, match=message):
+        compiled(*inputs)
+    with pytest.raises((IndexError, RuntimeError)), torch.no_grad():
+        model(*inputs)
+    assert compiled(*family.inputs(1, family.sequence_max, 0)).shape[1] == family.sequence_max
 
 
 def test_matches_eager_at_other_batch_sizes_and_lengths(compiled_family):

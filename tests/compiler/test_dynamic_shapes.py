@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from compiler import FallbackError, InputError, compile
+from compiler import FallbackError, InputError, compile, shape_bounds
 from compiler.capture import capture
 from compiler.dynamic_shapes import narrow_inputs, shape_ladder
 from tests.support import PositionTable, tokens
@@ -205,3 +205,52 @@ def test_example_inputs_are_not_marked_by_tracing():
     x = torch.randn(2, 4)
     capture(build(FixedBatch), (x,))
     assert not getattr(x, "_dynamo_dynamic_indices", None)
+
+
+class ArangePositions(nn.Module):
+    """GPT-2's way: positions from ``arange`` into an ``nn.Embedding`` of 24 rows, invisible to export."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(50, 8)
+        self.positions = nn.Embedding(24, 8)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (self.tokens(input_ids) + self.positions(positions)).mean(1)
+
+
+def test_a_table_export_cannot_see_is_found_by_probing_eager():
+    model = build(ArangePositions)
+    compiled = compile(model, example_inputs=(tokens(2, 16)[0],))
+    assert compiled.manifest["inputs"][0]["dynamic_dims"] == {"0": ["batch", 1, None], "1": ["sequence", 1, 24]}
+    record = compiled.report.capture["probed_bounds"]["sequence"]
+    assert record["max"] == 24 and record["table_rows"] == 24
+    assert record["reason"].startswith("eager fails at 25 (IndexError")
+    assert "bound probed: sequence <= 24" in str(compiled.report)
+    ids = tokens(3, 24)[0]
+    torch.testing.assert_close(compiled(ids), model(ids), rtol=RTOL, atol=ATOL)
+    with pytest.raises(InputError, match="is 25; the artifact accepts 1 to 24"):
+        compiled(tokens(1, 25)[0])
+
+
+def test_tables_longer_than_the_probe_limit_are_not_probed(monkeypatch):
+    monkeypatch.setattr(shape_bounds, "MAX_PROBED_LENGTH", 20)
+    captured = capture(build(ArangePositions), (tokens(2, 16)[0],))
+    assert captured.dynamic_dims[0][1] == ("sequence", 1, None)
+    assert captured.probed_bounds == {}
+
+
+def test_a_model_that_runs_past_every_table_stays_unbounded():
+    ids = tokens(2, 16)[0]
+    mean_of_tokens = nn.Sequential(nn.Embedding(50, 4)).eval()
+    captured = capture(mean_of_tokens, (ids,))
+    assert captured.dynamic_dims[0][1] == ("sequence", 1, None) and captured.probed_bounds == {}
+
+
+def test_resizing_for_probes_tiles_the_named_dim_and_keeps_a_fixed_batch():
+    ids, mask = tokens(2, 4)
+    dims = {0: {0: ("batch", 1, None), 1: ("sequence", 1, None)}, 1: {1: ("sequence", 1, None)}}
+    resized_ids, resized_mask = shape_bounds.resize_inputs((ids, mask), dims, "sequence", 10)
+    assert resized_ids.shape == (1, 10) and resized_mask.shape == (2, 10)
+    assert torch.equal(resized_ids[0, 4:8], ids[0])

@@ -125,6 +125,20 @@ from torch import nn
 def static():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8), {}
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.linear(x).reshape(2, 4)
+
+
+def fixed_batch():
+    torch.manual_seed(0)
+    return FixedBatch().eval(), torch.randn(2, 8)
 '''
 
 
@@ -138,3 +152,17 @@ def test_command_exits_2_naming_the_input(tmp_path):
     assert result.exit_code == 2, result.output
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("fxpress: error: ")]
     assert "input 'input' dimension 0 is 3; the artifact accepts only 2 there" in line
+
+
+def test_command_strict_refuses_a_capture_fallback_with_exit_8(tmp_path):
+    factory = tmp_path / "user_models.py"
+    factory.write_text(FACTORY)
+    runner = CliRunner()
+    result = runner.invoke(main, ["compile", f"{factory}:fixed_batch", "-o", str(tmp_path / "out"), "--strict"])
+    assert result.exit_code == 8, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("fxpress: error: ")]
+    assert "capture fell back to torch.export, static shapes" in line
+    assert not (tmp_path / "out").exists()
+    relaxed = runner.invoke(main, ["compile", f"{factory}:fixed_batch", "-o", str(tmp_path / "out")])
+    assert relaxed.exit_code == 0, relaxed.output
+    assert "fallback: capture fell back to torch.export, static shapes" in relaxed.output

@@ -10,6 +10,9 @@
    user's model's equals the zoo's).
 3. Every zoo model through plain ``compile(entry.model, "cpu-fp32", entry.example_inputs)``: front
    end, dims found, fallbacks (bar: batch dynamic, no fallback).
+4. Sequence bounds export cannot see: GPT-2 and RoBERTa with their real position tables (1024 and
+   514 rows; random weights, hidden size 64, 2 layers), captured with the default dims: the
+   bound found by probing eager, and how long capture took.
 
     python -m bench.dynamic_shapes
     python -m bench.dynamic_shapes --calib 64 --eval 300 --json dynamic.json
@@ -102,6 +105,37 @@ def zoo_records() -> dict:
     return records
 
 
+def probed_positions() -> dict:
+    import transformers
+
+    from compiler.capture import capture
+
+    class Tokens(nn.Module):
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            """Token ids and mask to the last hidden state."""
+            return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
+
+    configs = {
+        "gpt2 (1024 positions)": transformers.GPT2Model(transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)),
+        "roberta (514 positions)": transformers.RobertaModel(transformers.RobertaConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=514)),
+    }
+    records = {}
+    for name, model in configs.items():
+        example = (torch.randint(3, 1000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
+        started = time.perf_counter()
+        captured = capture(Tokens(model.eval()).eval(), example)
+        records[name] = {"sequence": captured.dynamic_dims[0][1], "probed": captured.probed_bounds,
+                         "capture_s": time.perf_counter() - started}
+    return records
+
+
 def render(result: dict) -> str:
     fp32 = result["user_fp32"]
     lines = [f"user-built MiniLM, cpu-fp32, no dynamic_dims: front end {fp32['front_end']}, "
@@ -121,6 +155,11 @@ def render(result: dict) -> str:
     lines.append("every zoo model through plain compile(entry.model, 'cpu-fp32', entry.example_inputs):")
     for name, row in result["zoo"].items():
         lines.append(f"  {name:<20} {row['front_end']:<26} fallbacks {len(row['fallbacks'])}  {row['dynamic_dims']}")
+    lines.append("sequence bounds found by probing eager (export sees none):")
+    for name, row in result["probed"].items():
+        reason = row["probed"].get("sequence", {}).get("reason", "not probed")
+        lines.append(f"  {name:<24} sequence {row['sequence'][1]}..{row['sequence'][2]}  capture "
+                     f"{row['capture_s']:.1f} s  ({reason})")
     return "\n".join(lines)
 
 
@@ -139,6 +178,7 @@ def main() -> None:
     result["user_int8"] = int8_cosines(model, tokenise(tokenizer, sentences[:2], 128), calibration, evaluation)
     result["zoo_int8"] = int8_cosines(zoo.model, zoo.example_inputs, calibration, evaluation)
     result["zoo"] = zoo_records()
+    result["probed"] = probed_positions()
     print(render(result))
     if args.json:
         with open(args.json, "w") as handle:

@@ -17,9 +17,9 @@ import numpy as np
 
 from backends.onnxruntime import make_session
 from compiler import compile as fxpress_compile
-from compiler.benchmark import plain_export, time_side_by_side
-from compiler.model_source import resolve
-from compiler.workload import Workload
+from compiler.cli.benchmark import plain_export, time_side_by_side
+from compiler.cli.model_source import resolve
+from compiler.cli.workload import Workload
 
 
 def bench_model(name: str, batches: list[int], runs: int, seq_len: int) -> list[dict]:

@@ -1,7 +1,7 @@
 """fxpress cpu-int8 against the int8 peers, side by side in one process.
 
 For each model, every pipeline is built first, then timed at batch 1 and at batch 16 in blocks
-taken in rotation (``compiler.benchmark.time_side_by_side``: medians of interleaved blocks, so
+taken in rotation (``compiler.cli.benchmark.time_side_by_side``: medians of interleaved blocks, so
 machine noise hits every pipeline alike), then evaluated on the zoo's evaluation data, which is
 disjoint from the calibration data.
 
@@ -54,7 +54,7 @@ import onnx
 import torch
 
 from backends.onnxruntime import make_session
-from compiler.benchmark import block_ratios, peak_rss_mb, plain_export, thread_settings, time_side_by_side
+from compiler.cli.benchmark import block_ratios, peak_rss_mb, plain_export, thread_settings, time_side_by_side
 
 CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
 ENCODERS = ("minilm-l6",)
@@ -262,7 +262,7 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
                      target: str = "cpu-int8", static: bool = False) -> Pipeline:
     """The public API, target cpu-int8, timed through its ONNX Runtime model."""
     from compiler import TargetError, compile
-    from compiler.model_source import resolve
+    from compiler.cli.model_source import resolve
 
     row = f"fxpress {target}" + ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + \
         (" static" if static else "")

@@ -12,7 +12,7 @@ import torch
 
 import models
 from compiler import compile as fxpress_compile
-from compiler.model_source import resolve
+from compiler.cli.model_source import resolve
 
 
 def worst_relative_difference(name: str) -> float:

@@ -24,7 +24,7 @@ import compiler
 import compiler.artifact as artifact
 from compiler import TARGETS, TargetError
 from compiler.cli import main
-from compiler.model_source import resolve
+from compiler.cli.model_source import resolve
 
 ARTIFACT_FILES = ["manifest.json", "model.onnx", "report.json", "report.txt"]
 COMMANDS = ["compile", "inspect", "bench", "verify", "targets", "zoo"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.benchmark import block_ratios, summarize, time_side_by_side
+from compiler.cli.benchmark import block_ratios, summarize, time_side_by_side
 
 
 def test_block_ratios_pair_each_block_with_the_reference_block_timed_next_to_it():

@@ -11,7 +11,7 @@ import torch
 import models
 from compiler import compile as fxpress_compile
 from compiler import ir
-from compiler.model_source import resolve
+from compiler.cli.model_source import resolve
 
 # Operator counts of the optimised IR (golden: a change here is a change in what passes do).
 GOLDEN_OPS = {

@@ -12,7 +12,7 @@ import torch
 from backends.onnxruntime import DISABLED_OPTIMIZERS
 from compiler import compile as fxpress_compile
 from compiler import meta
-from compiler.model_source import resolve
+from compiler.cli.model_source import resolve
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from compiler import probe
+from compiler.cli.workload import Workload
 from compiler.errors import UsageError
-from compiler.workload import Workload
 
 
 def _flat(outputs: object) -> tuple[torch.Tensor, ...]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from compiler.artifact import MANIFEST_FILE
+from compiler.cli.model_source import ModelSource, resolve
 from compiler.compiled import CompiledModel
 from compiler.errors import UsageError
-from compiler.model_source import ModelSource, resolve
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
            "bool": torch.bool, "float64": torch.float64}

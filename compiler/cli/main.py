@@ -105,8 +105,9 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
       fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
-    from compiler import api, model_source
+    from compiler import api
     from compiler.artifact import check_destination
+    from compiler.cli import model_source
 
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
@@ -175,7 +176,8 @@ def inspect_command(model, target, dump_dir, as_json) -> None:
       fxpress inspect resnet18
       fxpress inspect minilm-l6 --json --dump-dir ir/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
-    from compiler import api, model_source
+    from compiler import api
+    from compiler.cli import model_source
 
     source = model_source.resolve(model)
     with _progress(_target_steps(target) - 1, f"inspecting {source.name}") as step:
@@ -205,8 +207,8 @@ def bench_command(subject, model, target, batches, runs, warmup, threads, compar
       fxpress bench out/ --model efficientnet-lite0 --batch 1 --batch 16 --compare --plot latency.png
       fxpress bench minilm-l6 --runs 50 --json
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
-    from compiler.benchmark import plot_benchmark, render_benchmark, run_benchmark
-    from compiler.workload import load_workload
+    from compiler.cli.benchmark import plot_benchmark, render_benchmark, run_benchmark
+    from compiler.cli.workload import load_workload
 
     with _progress(_target_steps(target), "compiling") as step:
         workload = load_workload(subject, model=model, target=target, progress=step)
@@ -234,8 +236,8 @@ def verify_command(artifact, model, samples, as_json) -> None:
       fxpress verify out/ --model efficientnet-lite0
       fxpress verify out/ --samples 256 --json
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
-    from compiler.verification import render_verification, verify
-    from compiler.workload import is_artifact, load_workload
+    from compiler.cli.verification import render_verification, verify
+    from compiler.cli.workload import is_artifact, load_workload
 
     if not is_artifact(artifact):
         raise click.UsageError(f"{artifact} is not an artifact directory (no manifest.json)")
@@ -290,7 +292,3 @@ def _zoo_record(entry) -> dict:
     inputs = [{"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
               for name, tensor in zip(entry.input_names, entry.example_inputs, strict=True)]
     return {"task": entry.task, "description": entry.description, "inputs": inputs}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

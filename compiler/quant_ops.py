@@ -3,7 +3,7 @@
 Each op computes in torch exactly what ONNX Runtime's QuantizeLinear / DequantizeLinear compute
 (division by the scale, round half to even, saturation), so a graph holding them is a faithful
 fake-quantised simulation of the int8 model. ``backends`` lowers each to the matching ONNX ops
-(:mod:`backends.quant_translations`). Registered on import of this module.
+(:mod:`backends.onnx.quant_translations`). Registered on import of this module.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_no_import_points_against_the_layers():
     ("compiler/ir.py", "from backends.onnxruntime import make_session"),
     ("compiler/ir.py", "import passes"),
     ("passes/cleanup/remove_noops.py", "import backends.onnxruntime"),
-    ("backends/weight_storage.py", "from passes.quant import policy"),
+    ("backends/onnx/weight_storage.py", "from passes.quant import policy"),
     ("passes/cleanup/remove_noops.py", "from compiler.api import compile"),
     ("models/small.py", "from compiler import meta"),
 ])

@@ -5,7 +5,7 @@ ranges ``calibrate`` recorded, with ``fxpress::quantize_dequantize``. Weights be
 per output channel and symmetric with 8 or 7 bits, read through ``fxpress::dequantize_per_channel``;
 biases become int32 on the grid ``scale_input * scale_weight`` the runtime uses. The result is
 both the torch simulation of the int8 model and, once exported, QuantizeLinear/DequantizeLinear
-pairs around integer weights (:mod:`backends.quant_translations`).
+pairs around integer weights (:mod:`backends.onnx.quant_translations`).
 
 Weighted ops left in float (by the policy or the sensitivity analysis) keep their weights in
 float16 and widen them to float32 in the graph (``float_weights="float16"``, the default): the

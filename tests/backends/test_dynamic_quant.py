@@ -1,4 +1,4 @@
-"""Dynamic int8 Linear layers (backends.dynamic_quant): structure, weights, and ONNX Runtime runs."""
+"""Dynamic int8 Linear layers (backends.onnxruntime.dynamic_quant): structure, weights, and ONNX Runtime runs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from onnx import helper, numpy_helper
 
-from backends.dynamic_quant import quantize_dynamic_linears, quantize_weight
 from backends.onnxruntime import make_session
+from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears, quantize_weight
 from compiler.isa import Int8Format
 
 NO_VNNI = Int8Format("uint8", 7, "U8S8, reduce_range", "test: x86 without VNNI")

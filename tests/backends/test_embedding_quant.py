@@ -1,4 +1,4 @@
-"""Int8 embedding tables (backends.embedding_quant): which Gathers change, and what ONNX Runtime computes."""
+"""Int8 embedding tables (backends.onnxruntime.embedding_quant): which Gathers change, what ONNX Runtime computes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from backends.embedding_quant import quantize_embedding_tables, quantize_rows
+from backends.onnxruntime.embedding_quant import quantize_embedding_tables, quantize_rows
 
 ROWS, COLS = 1000, 96
 

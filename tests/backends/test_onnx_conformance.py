@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from backends.onnx_export import MODULE_PATH_KEY, max_runtime_ir_version
+from backends.onnx.export import MODULE_PATH_KEY, max_runtime_ir_version
 from backends.onnxruntime import make_session
 from compiler import ArtifactError, compile
 from tests.support import randomize_batch_norm

@@ -7,7 +7,7 @@ import collections
 import torch
 from torch import nn
 
-from backends.onnx_export import MODULE_PATH_KEY
+from backends.onnx.export import MODULE_PATH_KEY
 from compiler import compile
 
 

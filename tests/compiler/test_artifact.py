@@ -198,7 +198,7 @@ def test_missing_model_file_is_refused(copy):
 
 
 def test_newer_ir_version_than_the_runtime_reads_is_refused(copy):
-    from backends.onnx_export import max_runtime_ir_version
+    from backends.onnx.export import max_runtime_ir_version
 
     path = copy / "model.onnx"
     model = onnx.load(str(path))

@@ -27,7 +27,7 @@ import onnx
 from onnxscript import ir
 from onnxscript.ir.passes.common import RemoveUnusedNodesPass
 
-from backends.dynamic_quant import add_initializer, replace_value
+from backends.onnxruntime.dynamic_quant import add_initializer, replace_value
 
 logger = logging.getLogger(__name__)
 

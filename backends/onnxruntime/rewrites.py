@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxscript.rewriter.ort_fusions.erfgelu import fuse_erfgelu
 
-from backends.onnx_export import MODULE_PATH_KEY
+from backends.onnx.export import MODULE_PATH_KEY
 
 logger = logging.getLogger(__name__)
 

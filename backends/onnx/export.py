@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch.export import Dim
 
-from backends.quant_translations import TRANSLATIONS
+from backends.onnx.quant_translations import TRANSLATIONS
 from compiler import ir, meta
 from compiler.dynamic_shapes import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError

@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from backends.dynamic_quant import quantize_dynamic_linears
-from backends.embedding_quant import quantize_embedding_tables
-from backends.onnx_export import ExportRequest, export_onnx, max_runtime_ir_version
-from backends.ort_fusions import fuse_gelu
-from backends.weight_storage import store_exact_half_weights
+from backends.onnx.export import ExportRequest, export_onnx, max_runtime_ir_version
+from backends.onnx.weight_storage import store_exact_half_weights
+from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears
+from backends.onnxruntime.embedding_quant import quantize_embedding_tables
+from backends.onnxruntime.rewrites import fuse_gelu
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import ArtifactError, InputError, TargetError
 from compiler.isa import int8_format
@@ -78,8 +78,8 @@ class OnnxRuntimeBackend(Backend):
     """Lower to ONNX and run with ONNX Runtime's CPU execution provider."""
 
     name = "onnxruntime"
-    # dynamic_quantization: Linear layers to int8 DynamicQuantizeMatMul after export (backends.dynamic_quant);
-    # quantize_embeddings: large Gather tables stored as int8 rows (backends.embedding_quant)
+    # dynamic_quantization: Linear layers to int8 DynamicQuantizeMatMul after export (.dynamic_quant);
+    # quantize_embeddings: large Gather tables stored as int8 rows (.embedding_quant)
     default_options = {"opset": 18, "graph_optimization_level": "all", "intra_op_num_threads": 0,
                        "dynamic_quantization": False, "quantize_embeddings": False}
     minimum_opset = 17  # LayerNormalization, and the exporter's torchlib, need 17

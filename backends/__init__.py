@@ -1,4 +1,7 @@
-"""The backend registry: name -> backend class."""
+"""The backends, one folder each (plus ``onnx/``, what ONNX backends share), and their registry: name -> class.
+
+Backends import the core and never ``passes`` or the driver; the driver reaches them through ``REGISTRY``.
+"""
 
 from __future__ import annotations
 

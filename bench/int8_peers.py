@@ -70,9 +70,9 @@ logger = logging.getLogger("bench.int8_peers")
 
 
 def cpu_isa() -> dict:
-    """The CPU's int8-relevant feature flags: ``compiler.isa`` where it exists, else /proc/cpuinfo."""
+    """The CPU's int8-relevant feature flags: ``backends.onnxruntime.isa`` where it exists, else /proc/cpuinfo."""
     with contextlib.suppress(ImportError):
-        from compiler.isa import detect_isa, int8_format
+        from backends.onnxruntime.isa import detect_isa, int8_format
 
         isa = detect_isa()
         return {**isa.to_dict(), "int8_format": int8_format(isa).to_dict()}
@@ -645,7 +645,7 @@ def main() -> None:
     print(f"fxpress int8 peers: {machine['cpu']}, {os.cpu_count()} cpus; int8 flags "
           f"{', '.join(isa['flags']) or 'none'} (VNNI: {'yes' if isa['vnni'] else 'no'}, from {isa['source']})")
     if "int8_format" in isa:
-        print(f"compiler.isa int8 format: {isa['int8_format']['name']} ({isa['int8_format']['reason']})")
+        print(f"backends.onnxruntime.isa int8 format: {isa['int8_format']['name']} ({isa['int8_format']['reason']})")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}; "
           f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads default")
     results = []

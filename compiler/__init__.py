@@ -1,5 +1,9 @@
 """fxpress: capture a PyTorch model, run verified passes with a per-pass ledger, lower to ONNX.
 
+The core (capture, IR, meta, pass base and manager, targets, artifact, report, errors) imports
+neither ``passes`` nor ``backends``; the driver (``api``, ``pipeline``, ``cli``) reaches them through
+their registries. This package's public surface:
+
 from compiler import compile
 compiled = compile(model, target="cpu-fp32", example_inputs=(x,))
 compiled(x); compiled.save("out/"); print(compiled.report)

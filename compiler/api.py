@@ -16,10 +16,9 @@ from compiler.artifact import MANIFEST_FILE, MODEL_FILE, REPORT_JSON, read_manif
 from compiler.backend_base import Backend, LoweringRequest, Runner
 from compiler.capture import DynamicDims
 from compiler.compiled import CompiledModel
-from compiler.errors import AccuracyError, ArtifactError, FallbackError, FxpressError, TargetError
-from compiler.int_emulation import EmulationError, emulate
+from compiler.errors import AccuracyError, ArtifactError, EmulationError, FallbackError, FxpressError
 from compiler.manifest import build_manifest
-from compiler.pipeline import PipelineResult, registry, run_pipeline
+from compiler.pipeline import PipelineResult, make_backend, registry, run_pipeline
 from compiler.report import Ledger
 from compiler.targets import Target, get_target
 
@@ -62,13 +61,13 @@ def compile(  # noqa: A001 - the product's name for it
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     backend_target = get_target(target)
-    backend = _backend(backend_target)  # a bad backend option fails now, not after the passes
+    backend = make_backend(backend_target)  # a bad backend option fails now, not after the passes
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress, strict=strict,
     )
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
-        backend = _backend(result.target)
+        backend = make_backend(result.target)
     fallbacks = list(result.ledger.fallbacks)
     if strict and fallbacks:
         raise FallbackError(f"strict mode: {len(fallbacks)} fallback(s) recorded: " + "; ".join(fallbacks))
@@ -77,7 +76,7 @@ def compile(  # noqa: A001 - the product's name for it
         result.graph_module, result.inputs, result.captured.input_names, output_names,
         result.captured.dynamic_dims,
     ))
-    _check_lowered(result, lowered.runner.run(result.inputs), lowered.info)
+    _check_lowered(result, lowered.runner.run(result.inputs), lowered.info, backend)
     if strict and len(result.ledger.fallbacks) > len(fallbacks):
         raise FallbackError("strict mode: lowering recorded: " + "; ".join(result.ledger.fallbacks[len(fallbacks):]))
     if progress is not None:
@@ -85,7 +84,7 @@ def compile(  # noqa: A001 - the product's name for it
     manifest = build_manifest(result, output_names, lowered.info, calibration_data)
     return CompiledModel(
         lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec,
-        result.captured.output_constants, graph_module=result.graph_module,
+        result.captured.output_constants, graph_module=result.graph_module, emulator=backend.emulate,
     )
 
 
@@ -107,25 +106,17 @@ def inspect(
     ).ledger
 
 
-def _backend(target: Target) -> Backend:
-    """The target's backend with its options; unknown backends and bad options raise TargetError."""
-    backends = registry("backends")
-    if target.backend not in backends:
-        raise TargetError(f"target {target.name!r} names unknown backend {target.backend!r}")
-    return backends[target.backend](**dict(target.backend_options))
-
-
 def _output_names(count: int) -> tuple[str, ...]:
     return ("output",) if count == 1 else tuple(f"output_{index}" for index in range(count))
 
 
-def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict) -> None:
+def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict, backend: Backend) -> None:
     drift = probe.drift(outputs, result.reference)
     info["drift"] = drift.to_dict()
     result.ledger.lowering = info
     tolerance = result.target.tolerance
     if tolerance.steps is not None:
-        _check_against_simulation(result, outputs, info)
+        _check_against_simulation(result, outputs, info, backend)
         return
     if not probe.within_tolerance(outputs, result.reference, tolerance.rtol, tolerance.atol):
         raise AccuracyError(
@@ -138,10 +129,12 @@ def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], in
 _SIMULATION_MIN_COSINE = 0.99  # below this, runtime and simulation disagree by more than rounding
 
 
-def _check_against_simulation(result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict) -> None:
+def _check_against_simulation(
+    result: PipelineResult, outputs: tuple[torch.Tensor, ...], info: dict, backend: Backend,
+) -> None:
     """A quantised model must match its torch simulation within the target's steps, not fp32 eager.
 
-    The simulation is the integer emulation (:mod:`compiler.int_emulation`): the groups ONNX
+    The simulation is the integer emulation (:mod:`backends.onnxruntime.emulation`): the groups ONNX
     Runtime fuses into integer kernels run with those kernels' arithmetic and the layers left in
     float with MLAS's summation orders, so on x86-64 it equals the runtime bit for bit and any
     difference is a lowering that does not compute what the IR says. The float fake-quant
@@ -149,7 +142,7 @@ def _check_against_simulation(result: PipelineResult, outputs: tuple[torch.Tenso
     agreed within a step on only 89-99% of real models' outputs.
     """
     tolerance = result.target.tolerance
-    simulated, simulation = _simulate(result)
+    simulated, simulation = _simulate(result, backend)
     fraction = probe.within_steps(outputs, simulated, tolerance.steps)
     drift = probe.drift(outputs, simulated)
     info["simulation_agreement"] = {
@@ -170,10 +163,10 @@ def _check_against_simulation(result: PipelineResult, outputs: tuple[torch.Tenso
         )
 
 
-def _simulate(result: PipelineResult) -> tuple[tuple[torch.Tensor, ...], str]:
+def _simulate(result: PipelineResult, backend: Backend) -> tuple[tuple[torch.Tensor, ...], str]:
     """The integer emulation of the probe batch; the float simulation, recorded, where the IR defeats it."""
     try:
-        return emulate(result.graph_module, *result.inputs), "integer emulation"
+        return backend.emulate(result.graph_module, *result.inputs), "integer emulation"
     except EmulationError as error:
         result.ledger.fallbacks.append(f"integer emulation failed ({error}); compared with the float simulation")
         return probe.run_annotated(result.graph_module, result.inputs), "float simulation"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -9,7 +10,7 @@ import onnx
 import torch
 import torch.fx as fx
 
-from compiler.errors import TargetError
+from compiler.errors import EmulationError, TargetError
 
 
 @dataclass
@@ -56,6 +57,25 @@ class Backend:
     def lower(self, request: LoweringRequest) -> Lowered:
         """Lower the IR."""
         raise NotImplementedError
+
+    def quant_policy(self, spec: Mapping[str, Any]) -> Any:
+        """The placement policy (a ``compiler.quant_policy.QuantPolicy``) the target's ``quant_policy`` names.
+
+        The driver hands it to the quantisation passes through the pass context.
+        """
+        raise TargetError(f"backend {self.name!r} has no quantisation policy; choose a target that does not quantise")
+
+    def hardware(self) -> dict[str, Any]:
+        """Facts about this machine that shaped the policy (ISA, int8 format), for the ledger."""
+        return {}
+
+    def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The quantised IR computed with the runtime's own kernel arithmetic (bit-exact where it can be).
+
+        Raises:
+            EmulationError: the backend has no emulation, or this IR defeats it.
+        """
+        raise EmulationError(f"backend {self.name!r} has no emulation of its kernels")
 
     def load(self, model: onnx.ModelProto | bytes) -> Runner:
         """A runner for a model this backend lowered earlier."""

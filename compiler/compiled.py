@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -9,8 +10,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from compiler.backend_base import Runner
+from compiler.errors import EmulationError
 from compiler.input_spec import check_inputs, specs_from_manifest
-from compiler.int_emulation import emulate
 from compiler.report import Ledger
 
 
@@ -26,6 +27,7 @@ class CompiledModel:
         output_spec: pytree.TreeSpec,
         output_constants: dict[int, object] | None = None,
         graph_module: torch.fx.GraphModule | None = None,
+        emulator: Callable[..., tuple[torch.Tensor, ...]] | None = None,
     ):
         self._model = model
         self._runner = runner
@@ -34,6 +36,7 @@ class CompiledModel:
         self._output_spec = output_spec
         self._output_constants = dict(output_constants or {})
         self.graph_module = graph_module  # the optimised IR; None for a model loaded from disk
+        self._emulator = emulator  # the backend's emulation of its kernels, where it has one
         self._input_specs = specs_from_manifest(manifest)
 
     @property
@@ -69,7 +72,7 @@ class CompiledModel:
     def simulate(self, *inputs: torch.Tensor, exact: bool = True) -> object:
         """Run the optimised IR in PyTorch, shaped like the model's outputs.
 
-        The default is the integer emulation (:mod:`compiler.int_emulation`): every group ONNX
+        The default is the integer emulation (:mod:`backends.onnxruntime.emulation`): every group ONNX
         Runtime fuses into an integer kernel (QLinearConv, QGemm, QLinearAdd) is computed with
         that kernel's arithmetic, and float convs, linears and global means with MLAS's and
         Eigen's summation orders, so the result equals the runtime's bit for bit (on x86-64),
@@ -91,8 +94,11 @@ class CompiledModel:
 
             raise ArtifactError("a loaded model has no IR to simulate; compile() the model to get one")
         self.check_inputs(inputs)
+        if exact and self._emulator is None:
+            raise EmulationError(f"the {self.report.target} backend has no emulation of its kernels; "
+                                 "use simulate(..., exact=False)")
         if exact:
-            tensors = iter(emulate(self.graph_module, *inputs))
+            tensors = iter(self._emulator(self.graph_module, *inputs))
         else:
             with torch.no_grad():
                 tensors = iter(self.graph_module(*inputs))

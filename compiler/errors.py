@@ -94,3 +94,9 @@ class LoweringError(FxpressError):
     """The backend failed to produce or load a valid model for a reason other than an operator."""
 
     exit_code = 70
+
+
+class EmulationError(FxpressError):
+    """A backend cannot emulate this IR with its kernels (a tensor off its quantisation grid, an unknown op)."""
+
+    exit_code = 70

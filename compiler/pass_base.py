@@ -29,7 +29,7 @@ class PassContext:
     calibration_data: object = None
     target_name: str = ""
     fallbacks: list[str] = field(default_factory=list)  # passes append what they left undone
-    quant_policy: Any = None  # passes.quant.policy.QuantPolicy for targets that quantise
+    quant_policy: Any = None  # compiler.quant_policy.QuantPolicy for targets that quantise
 
 
 class Pass:

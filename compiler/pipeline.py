@@ -149,14 +149,21 @@ def choose_target(target: Target, gm: fx.GraphModule, inputs: tuple[torch.Tensor
 
 
 def _quant_policy(target: Target, ledger: Ledger):
-    """The target's placement policy, with ``auto`` formats resolved for this CPU (recorded)."""
-    from compiler.isa import detect_isa, int8_format
-
-    policy_module = importlib.import_module("passes.quant.policy")
-    policy = policy_module.make_policy(dict(target.quant_policy))
-    ledger.capture["isa"] = {**detect_isa().to_dict(), "int8_format": int8_format().to_dict()}
+    """The target's placement policy, built by its backend for this machine (both recorded)."""
+    backend = make_backend(target)
+    policy = backend.quant_policy(dict(target.quant_policy))
+    if hardware := backend.hardware():
+        ledger.capture["isa"] = hardware
     ledger.capture["quant_policy"] = policy.to_dict()
     return policy
+
+
+def make_backend(target: Target):
+    """The target's backend from ``backends.REGISTRY`` with its options; TargetError if unknown or badly set."""
+    backends = registry("backends")
+    if target.backend not in backends:
+        raise TargetError(f"target {target.name!r} names unknown backend {target.backend!r}")
+    return backends[target.backend](**dict(target.backend_options))
 
 
 def _validated(calibration_data: object, inputs: tuple[torch.Tensor, ...], captured: Captured, target: Target):

@@ -1,4 +1,7 @@
-"""The pass registry: registry name (equal to the file name) -> pass class."""
+"""The passes, one per file in a family folder, and their registry: name (equal to the file name) -> class.
+
+Passes import the core (``compiler``) and never a backend or the driver; the driver reaches them through ``REGISTRY``.
+"""
 
 from __future__ import annotations
 

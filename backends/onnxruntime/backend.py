@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.fx as fx
 
 from backends.onnx.export import ExportRequest, export_onnx, max_runtime_ir_version
 from backends.onnx.weight_storage import store_exact_half_weights
 from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears
 from backends.onnxruntime.embedding_quant import quantize_embedding_tables
+from backends.onnxruntime.emulation import emulate
+from backends.onnxruntime.isa import detect_isa, int8_format
+from backends.onnxruntime.policy import make_policy
 from backends.onnxruntime.rewrites import fuse_gelu
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import ArtifactError, InputError, TargetError
-from compiler.isa import int8_format
+from compiler.quant_policy import QuantPolicy
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -121,6 +127,18 @@ class OnnxRuntimeBackend(Backend):
         if embeddings is not None:
             info["embedding_quantization"] = embeddings
         return Lowered(model, runner, info)
+
+    def quant_policy(self, spec: Mapping[str, Any]) -> QuantPolicy:
+        """ONNX Runtime's CPU placement policy, with ``auto`` formats resolved for this CPU."""
+        return make_policy(dict(spec))
+
+    def hardware(self) -> dict[str, Any]:
+        """This CPU's int8-relevant ISA and the int8 format chosen for it."""
+        return {**detect_isa().to_dict(), "int8_format": int8_format().to_dict()}
+
+    def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The IR with every group ONNX Runtime fuses computed by that kernel's arithmetic (bit-exact on x86-64)."""
+        return emulate(graph_module, *inputs)
 
     def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:
         """A runner for an ONNX model; refuses IR versions newer than the runtime reads."""

@@ -7,7 +7,7 @@ weights quantised here per output column, symmetrically (zero points 0, ``scale 
 Activation x activation MatMuls (attention scores) and Gathers (embeddings) stay in float. A bias
 ``Add`` of a constant 1-D initializer after the MatMul folds into the ``bias`` input.
 
-Weight bits (see ``compiler.isa``):
+Weight bits (see ``backends.onnxruntime.isa``):
 
 * 8 bits (``qmax = 127``) where the CPU has VNNI, whose u8 x s8 products accumulate in int32.
 * 7 bits (``qmax = 63``) elsewhere on x86: ``vpmaddubsw`` adds pairs of u8 x s8 products into int16
@@ -40,7 +40,7 @@ import onnx
 from onnxscript import ir
 from onnxscript.ir.passes.common import RemoveUnusedNodesPass
 
-from compiler.isa import Int8Format
+from backends.onnxruntime.isa import Int8Format
 
 logger = logging.getLogger(__name__)
 

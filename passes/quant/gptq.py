@@ -26,10 +26,10 @@ import torch.fx as fx
 from compiler import ir, meta
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.quant_policy import WEIGHTED
 from passes.quant.calibration_data import CalibrationBatches
 from passes.quant.insert_qdq import sum_preserving_round, weight_largest, weight_scales
 from passes.quant.plan import WeightPoint, plan_quantization
-from passes.quant.policy import WEIGHTED
 
 logger = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from compiler import ir, meta
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
+from compiler.quant_policy import WEIGHTED, QuantPolicy
 from passes.quant.plan import ActivationPoint, WeightPoint, plan_quantization
-from passes.quant.policy import WEIGHTED, QuantPolicy
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from compiler import ir
-from passes.quant.policy import INTEGER, WEIGHTED, QuantPolicy
+from compiler.quant_policy import INTEGER, WEIGHTED, QuantPolicy
 
 aten = torch.ops.aten
 

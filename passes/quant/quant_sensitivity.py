@@ -36,9 +36,9 @@ from compiler import ir, meta
 from compiler.errors import PassError, TargetError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.quant_ops import quantize_dequantize
+from compiler.quant_policy import WEIGHTED, QuantPolicy
 from passes.quant.insert_qdq import activation_qparams, weight_integers, weight_largest, weight_scales
 from passes.quant.plan import QuantPlan, plan_quantization
-from passes.quant.policy import WEIGHTED, QuantPolicy
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from backends.onnxruntime import make_session
 from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears, quantize_weight
-from compiler.isa import Int8Format
+from backends.onnxruntime.isa import Int8Format
 
 NO_VNNI = Int8Format("uint8", 7, "U8S8, reduce_range", "test: x86 without VNNI")
 VNNI = Int8Format("uint8", 8, "U8S8", "test: x86 with VNNI")

@@ -21,11 +21,12 @@ import torch.fx as fx
 from torch import nn
 
 from backends.onnxruntime import DISABLED_OPTIMIZERS, OnnxRuntimeBackend
+from backends.onnxruntime.emulation import emulate, grid_integers
+from backends.onnxruntime.kernels import QParams, fma32, nchwc_block_size, qlinear_add
+from backends.onnxruntime.qdq_fusion import find_groups
 from compiler import compile, probe
 from compiler.backend_base import LoweringRequest
-from compiler.int_emulation import EmulationError, emulate, grid_integers
-from compiler.ort_fusion import find_groups
-from compiler.ort_kernels import QParams, fma32, nchwc_block_size, qlinear_add
+from compiler.errors import EmulationError
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 from compiler.targets import get_target
 from tests.support import randomize_batch_norm
@@ -374,7 +375,7 @@ def test_an_emulation_error_falls_back_to_the_float_simulation_on_record(monkeyp
     def refuse(*args, **kwargs):
         raise EmulationError("the input of conv2d is not on its quantisation grid")
 
-    monkeypatch.setattr("compiler.api.emulate", refuse)
+    monkeypatch.setattr(OnnxRuntimeBackend, "emulate", refuse)
     compiled = compile(randomize_batch_norm(ResidualCNN()), _target(), _images(1, 0), calibration_data=[_images(16, 1)])
     assert compiled.report.lowering["simulation_agreement"]["simulation"] == "float simulation"
     assert any("integer emulation failed" in fallback for fallback in compiled.report.fallbacks)

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from compiler.isa import CpuIsa, detect_isa, int8_format
+from backends.onnxruntime.isa import CpuIsa, detect_isa, int8_format
 
 AVX2 = CpuIsa("x86_64", False, ("avx2",), "test")
 VNNI = CpuIsa("x86_64", True, ("avx512_vnni",), "test")

@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from backends.onnxruntime import DISABLED_OPTIMIZERS
+from backends.onnxruntime.isa import int8_format
+from backends.onnxruntime.policy import make_policy
 from compiler import compile, ir, probe
 from compiler.errors import CalibrationDataError, TargetError
-from compiler.isa import int8_format
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 from compiler.targets import PassSpec, get_target
 from passes.quant.insert_qdq import sum_preserving_round, weight_scales
-from passes.quant.policy import make_policy
 from passes.quant.quant_sensitivity import _noise_share
 from tests.support import randomize_batch_norm
 

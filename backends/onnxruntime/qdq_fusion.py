@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from backends.onnxruntime.kernels import QParams
 from compiler import ir
-from compiler.ort_kernels import QParams
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 
 logger = logging.getLogger(__name__)

@@ -172,7 +172,7 @@ def _chain(block: list[tuple[int, int]], factors: Callable[[int, int], tuple[tor
 @functools.cache
 def nchwc_block_size() -> int:
     """MLAS's NCHWc channel block on this CPU: 16 with AVX-512F, 8 with AVX2, 0 where NCHWc is not used."""
-    from compiler.isa import detect_isa
+    from backends.onnxruntime.isa import detect_isa
 
     isa = detect_isa()
     if isa.machine not in ("x86_64", "amd64"):
@@ -183,7 +183,7 @@ def nchwc_block_size() -> int:
 @functools.cache
 def qlinear_add_fused() -> bool:
     """Whether this CPU runs MLAS's AVX2 (FMA) QLinearAdd kernel rather than the SSE2 one (older x86)."""
-    from compiler.isa import detect_isa
+    from backends.onnxruntime.isa import detect_isa
 
     isa = detect_isa()
     return isa.machine not in ("x86_64", "amd64", "i686", "x86") or "avx2" in isa.flags

@@ -2,14 +2,14 @@
 
 The IR's fake-quant ops run in float32 are the *float* simulation of an int8 model. ONNX Runtime
 computes something else. Its QDQ selectors fuse groups into integer kernels (QLinearConv, QGemm,
-QLinearAdd: :mod:`compiler.ort_fusion`) whose exact accumulation and float32 requantisation break
+QLinearAdd: :mod:`backends.onnxruntime.qdq_fusion`) whose exact accumulation and float32 requantisation break
 rounding ties differently from a float32 convolution followed by a division, and layers left in
 float run in MLAS's NCHWc convolutions, SGEMM and Eigen's reductions, whose summation orders
 differ from PyTorch's. Each tie broken differently is amplified by the layers after it: on
 efficientnet-lite0 the float simulation agrees with the runtime within one output step on only
 about 93% of the logits.
 
-:class:`IntegerEmulator` runs each group with its kernel's arithmetic (:mod:`compiler.ort_kernels`)
+:class:`IntegerEmulator` runs each group with its kernel's arithmetic (:mod:`backends.onnxruntime.kernels`)
 and the float convs, linears and global means with MLAS's and Eigen's summation orders, where
 the runtime picks those kernels; everything else (reshapes, ReLU, max-pooling, float adds) is
 exact in float32 and runs as in the float simulation. On efficientnet-lite0 and resnet18 the
@@ -27,10 +27,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from compiler import ir
-from compiler.errors import FxpressError
-from compiler.ort_fusion import Group, bias_of, find_groups, grid_of
-from compiler.ort_kernels import (
+from backends.onnxruntime.kernels import (
     QParams,
     dequantize,
     eigen_mean,
@@ -42,15 +39,14 @@ from compiler.ort_kernels import (
     requantize,
     sgemm_linear,
 )
+from backends.onnxruntime.qdq_fusion import Group, bias_of, find_groups, grid_of
+from compiler import ir
+from compiler.errors import EmulationError
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 
 logger = logging.getLogger(__name__)
 
 _FLOAT32_EXACT = float(2**24)  # integers, and sums of them, up to this magnitude are exact in float32
-
-
-class EmulationError(FxpressError):
-    """A tensor that should lie on its quantisation grid does not: the IR is not what the emulation expects."""
 
 
 def grid_integers(x: torch.Tensor, grid: QParams, where: fx.Node) -> torch.Tensor:

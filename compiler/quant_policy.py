@@ -1,5 +1,9 @@
 """Placement policies: which ops a backend runs on integers, handed to the quantisation passes as data.
 
+This module is the vocabulary (the policy type and the quantisation rule of each ATen op); each
+backend builds its own policy from it (ONNX Runtime's: :mod:`backends.onnxruntime.policy`) and the
+driver hands it to the passes through the pass context, so passes never import a backend.
+
 A policy says, per ATen op, what the runtime fuses into an integer kernel and so where quantise /
 dequantise pairs must go:
 
@@ -191,26 +195,9 @@ def _is_float(node: fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype.is_floating_point
 
 
-#: ONNX Runtime's CPU provider: QLinearConv, QGemm / MatMulInteger, QLinearAdd, QLinearConcat,
-#: QLinearGlobalAveragePool; Relu and Clip fold into the following QuantizeLinear.
-ONNXRUNTIME_CPU = QuantPolicy(name="onnxruntime-cpu")
-
-POLICIES: Mapping[str, QuantPolicy] = {ONNXRUNTIME_CPU.name: ONNXRUNTIME_CPU}
-
-
-def make_policy(policy: str | Mapping[str, Any] | QuantPolicy, **overrides: Any) -> QuantPolicy:
-    """A policy from its name, a dict of fields (``{"base": name, ...}``), or itself, with overrides."""
-    if isinstance(policy, QuantPolicy):
-        base, fields = policy, {}
-    elif isinstance(policy, str):
-        base, fields = _named(policy), {}
-    elif isinstance(policy, Mapping):
-        fields = dict(policy)
-        base = _named(fields.pop("base", ONNXRUNTIME_CPU.name))
-    else:
-        raise TargetError(f"a quantisation policy is a name or a dict, got {type(policy).__name__}")
-    fields.update({key: value for key, value in overrides.items() if value is not None})
-    _resolve_auto(fields)
+def with_fields(base: QuantPolicy, fields: Mapping[str, Any]) -> QuantPolicy:
+    """``base`` with ``fields`` replaced; op names may omit ``aten.``, unknown fields raise TargetError."""
+    fields = dict(fields)
     known = set(QuantPolicy.__dataclass_fields__)
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -225,28 +212,8 @@ def make_policy(policy: str | Mapping[str, Any] | QuantPolicy, **overrides: Any)
     return replace(base, **fields)
 
 
-def _resolve_auto(fields: dict[str, Any]) -> None:
-    """``"auto"`` activation dtype and weight bits come from the CPU's ISA (:mod:`compiler.isa`)."""
-    if "auto" not in (fields.get("activation_dtype"), fields.get("weight_bits")):
-        return
-    from compiler.isa import int8_format
-
-    chosen = int8_format()
-    if fields.get("activation_dtype") == "auto":
-        fields["activation_dtype"] = chosen.activation_dtype
-    if fields.get("weight_bits") == "auto":
-        fields["weight_bits"] = chosen.weight_bits
-
-
-def _named(name: str) -> QuantPolicy:
-    if name not in POLICIES:
-        raise TargetError(f"unknown quantisation policy {name!r}; known: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name]
-
-
 def _op_names(values: object) -> list[str]:
     """Accept ``"layer_norm"`` or ``"aten.layer_norm"``."""
     if isinstance(values, str):
         values = [values]
     return [value if "." in value else f"aten.{value}" for value in values]
-

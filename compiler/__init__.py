@@ -18,6 +18,7 @@ from compiler.errors import (
     ArtifactError,
     CalibrationDataError,
     CaptureError,
+    EmulationError,
     FallbackError,
     FxpressError,
     InputError,
@@ -33,8 +34,8 @@ from compiler.targets import TARGETS, PassSpec, Target, Tolerance
 
 __all__ = [
     "TARGETS", "AccuracyError", "ArtifactError", "CalibrationDataError", "CaptureError",
-    "CompiledModel", "FallbackError", "FxpressError", "InputError", "Ledger", "LedgerEntry", "LoweringError",
-    "PassError",
+    "CompiledModel", "EmulationError", "FallbackError", "FxpressError", "InputError", "Ledger", "LedgerEntry",
+    "LoweringError", "PassError",
     "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",
     "VerificationError", "compile", "inspect", "load",
 ]

@@ -8,7 +8,7 @@
 Small models are written here (MLP, LeNet, ResNet-18, MobileNetV2, a digits CNN trained on first
 use); EfficientNet-Lite0 and all-MiniLM-L6-v2 load pretrained weights from pip packages. Nothing
 is downloaded. Importing this package imports neither torch nor transformers; `load` does, for the
-entry asked for.
+entry asked for. It imports nothing of fxpress (`tests/test_layers.py` checks), so any user can.
 """
 
 from __future__ import annotations

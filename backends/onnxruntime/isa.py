@@ -11,7 +11,7 @@ S8S8 is no way out on such CPUs. ONNX Runtime turns int8 QDQ activations into ui
 exact but ran EfficientNet-Lite0 5.7x slower than U8S8 on an AVX2 EPYC (measured side by side).
 
 With VNNI (an AVX-512 VNNI EPYC, for one) the same U8S8 kernels are exact with full 8-bit weights,
-so the format keeps 8 bits there. ``tests/compiler/test_isa.py`` pins whichever fact holds on the
+so the format keeps 8 bits there. ``tests/backends/onnxruntime/test_isa.py`` pins whichever fact holds on the
 machine it runs on.
 """
 

@@ -1,7 +1,7 @@
 """ONNX Runtime's CPU kernel arithmetic (MLAS, x86-64), re-computed in PyTorch bit for bit.
 
 Read from MLAS's source and checked element by element against real sessions (see
-``tests/compiler/test_int_emulation.py``). The integer kernels:
+``tests/backends/onnxruntime/test_emulation.py``). The integer kernels:
 
 * QuantizeLinear / DequantizeLinear: ``clamp(RNE(x / s)) + zp`` (a true float32 division) and
   ``fl32((q - zp) * s)``.

@@ -73,6 +73,9 @@ class QuantPolicy:
         float_ops: op names kept in float (overrides ``weighted_ops`` and ``integer_ops``).
         float_modules: module paths (``fnmatch`` patterns such as ``"encoder.layer.5.*"``) kept in float.
         activation_dtype: ``"uint8"`` or ``"int8"``.
+        activation_symmetric: symmetric activation grids, ``max|x| / 127 * [-127, 127]`` around the
+            middle zero point (0 for int8), as TensorRT wants; otherwise an affine grid over the
+            calibrated range (ONNX Runtime's CPU kernels take either).
         weight_bits: 8, or 7 to keep u8 x s8 products clear of int16 saturation on CPUs without VNNI.
         depthwise_weight_bits: for depthwise convolutions, whose kernels accumulate in int32 (8 here).
         quantize_model_outputs: quantise tensors that are model outputs (off: logits stay exact
@@ -89,6 +92,7 @@ class QuantPolicy:
     float_ops: frozenset[str] = FLOAT_BY_DEFAULT
     float_modules: tuple[str, ...] = ()
     activation_dtype: str = "uint8"
+    activation_symmetric: bool = False
     weight_bits: int = 8
     depthwise_weight_bits: int = 8
     quantize_model_outputs: bool = False
@@ -97,6 +101,9 @@ class QuantPolicy:
         if self.activation_dtype not in ("uint8", "int8"):
             raise TargetError(f"policy {self.name!r}: activation_dtype must be 'uint8' or 'int8', "
                               f"got {self.activation_dtype!r}")
+        if not isinstance(self.activation_symmetric, bool):
+            raise TargetError(f"policy {self.name!r}: activation_symmetric must be true or false, "
+                              f"got {self.activation_symmetric!r}")
         for key in ("weight_bits", "depthwise_weight_bits"):
             if getattr(self, key) not in (7, 8):
                 raise TargetError(f"policy {self.name!r}: {key} must be 7 or 8, got {getattr(self, key)!r}")
@@ -166,7 +173,8 @@ class QuantPolicy:
         return {
             "name": self.name, "weighted_ops": sorted(self.weighted_ops), "integer_ops": sorted(self.integer_ops),
             "float_ops": sorted(self.float_ops), "float_modules": list(self.float_modules),
-            "activation_dtype": self.activation_dtype, "weight_bits": self.weight_bits,
+            "activation_dtype": self.activation_dtype, "activation_symmetric": self.activation_symmetric,
+            "weight_bits": self.weight_bits,
             "depthwise_weight_bits": self.depthwise_weight_bits,
             "quantize_model_outputs": self.quantize_model_outputs,
         }

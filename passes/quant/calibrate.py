@@ -8,6 +8,7 @@ untouched, so the pass reports ``modified=False``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from typing import Any
@@ -19,7 +20,7 @@ from compiler import ir, meta
 from compiler.errors import CalibrationDataError, PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 from passes.quant.calibration_data import CalibrationBatches
-from passes.quant.observers import Observer, make_observer
+from passes.quant.observers import OBSERVERS, Observer, make_observer
 from passes.quant.plan import plan_quantization
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Calibrate(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Run the calibration batches and write every planned tensor's range."""
         plan = plan_quantization(gm, ctx.quant_policy)
-        observers = {node: self._observer(node) for node in plan.activations}
+        observers = {node: self._observer(node, ctx.quant_policy.activation_symmetric) for node in plan.activations}
         interpreter = _ObservingInterpreter(gm, observers, self.options["sample_limit"])
         samples = 0
         with torch.no_grad():
@@ -106,12 +107,19 @@ class Calibrate(Pass):
             "data": ctx.calibration_data.summary(),
         })
 
-    def _observer(self, node: fx.Node) -> Observer:
-        """The observer for ``node``: the pass's default, or the override for its module path."""
+    def _observer(self, node: fx.Node, symmetric: bool) -> Observer:
+        """The observer for ``node``: the pass's default, or the override for its module path.
+
+        A symmetric policy makes clipping observers search one threshold for ``|x|`` (unless the
+        options say otherwise), so the range they pick is the one the symmetric grid will use.
+        """
         path = ir.module_path(node)
         spec = self.options["overrides"].get(path) or self.options["overrides"].get(node.name)
         name = spec if isinstance(spec, str) else (spec or {}).get("observer", self.options["observer"])
         options = dict(self.options["observer_options"]) if name == self.options["observer"] else {}
+        observer_class = OBSERVERS.get(name)  # an unknown name is make_observer's error to give
+        if symmetric and observer_class is not None and "symmetric" in inspect.signature(observer_class).parameters:
+            options.setdefault("symmetric", True)
         return make_observer(name, **options)
 
     def ensures(self, gm: fx.GraphModule) -> None:

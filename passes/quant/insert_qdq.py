@@ -37,14 +37,23 @@ _SMALLEST_SCALE = 1e-12
 
 
 def activation_qparams(low: float, high: float, policy: QuantPolicy) -> tuple[float, int]:
-    """(scale, zero point) of the affine grid over ``[low, high]`` (which holds zero) in the policy's range.
+    """(scale, zero point) of the grid over ``[low, high]`` (which holds zero) in the policy's range.
 
-    The scale is rounded to float32, the precision the runtime stores it in.
+    Affine by default; for a symmetric policy ``max(|low|, |high|) / 127`` around the middle zero
+    point (0 for int8, 128 for uint8). The scale is rounded to float32, the precision the runtime
+    stores it in.
     """
     qmin, qmax = policy.activation_range
-    scale = float(torch.tensor(max((high - low) / (qmax - qmin), _SMALLEST_SCALE), dtype=torch.float32))
+    if policy.activation_symmetric:
+        scale = _float32(max(abs(low), abs(high)) / 127)
+        return scale, (qmin + qmax + 1) // 2
+    scale = _float32((high - low) / (qmax - qmin))
     zero_point = int(min(max(round(qmin - low / scale), qmin), qmax))
     return scale, zero_point
+
+
+def _float32(scale: float) -> float:
+    return float(torch.tensor(max(scale, _SMALLEST_SCALE), dtype=torch.float32))
 
 
 def weight_scales(weight: torch.Tensor, axis: int, largest: int) -> torch.Tensor:

@@ -15,13 +15,14 @@ import torch
 
 import backends
 from backends.onnx.export import ExportRequest, export_onnx
-from compiler import TARGETS, EmulationError, Target, compile
+from compiler import TARGETS, EmulationError, Target, compile, meta
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.quant_ops import QUANTIZE_DEQUANTIZE
 from compiler.quant_policy import QuantPolicy, with_fields
 from tests.support import SmallCNN, randomize_batch_norm
 
-SYMMETRIC = QuantPolicy(name="symmetric-int8", integer_ops=frozenset(), activation_dtype="int8")
+SYMMETRIC = QuantPolicy(name="symmetric-int8", integer_ops=frozenset(), activation_dtype="int8",
+                        activation_symmetric=True)
 
 
 class TorchRunner:
@@ -72,8 +73,11 @@ def test_a_registered_backend_compiles_with_its_own_policy(registered):
     assert policy["name"] == "symmetric-int8" and policy["activation_dtype"] == "int8"
     assert policy["float_modules"] == ["head"] and policy["integer_ops"] == []
     assert "isa" not in compiled.report.capture  # ONNX Runtime's facts come from its backend only
-    ranges = {node.args[3:5] for node in compiled.graph_module.graph.nodes if node.target is QUANTIZE_DEQUANTIZE}
-    assert ranges == {(-128, 127)}
+    quantisers = [node for node in compiled.graph_module.graph.nodes if node.target is QUANTIZE_DEQUANTIZE]
+    assert quantisers and {node.args[2:5] for node in quantisers} == {(0, -128, 127)}  # zero point 0, int8
+    for node in quantisers:  # scale = amax / 127 of the calibrated range
+        low, high = (node.args[0].meta[meta.QUANT_RANGE][key] for key in ("low", "high"))
+        assert node.args[1] == pytest.approx(max(abs(low), abs(high)) / 127, rel=1e-6)
     (head,) = [node for node in compiled.graph_module.graph.nodes if str(node.target) == "aten.linear.default"]
     assert head.args[0].target is not QUANTIZE_DEQUANTIZE  # float_modules=["head"] keeps it float
     assert any("no emulation" in line for line in compiled.report.fallbacks)

@@ -22,7 +22,7 @@ from compiler import compile, ir, probe
 from compiler.errors import CalibrationDataError, TargetError
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 from compiler.targets import PassSpec, get_target
-from passes.quant.insert_qdq import sum_preserving_round, weight_scales
+from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_scales
 from passes.quant.quant_sensitivity import _noise_share
 from tests.support import randomize_batch_norm
 
@@ -263,3 +263,17 @@ def test_noise_share_of_a_layer():
     assert _noise_share(30.0, 20.0) == pytest.approx(0.1)
     assert _noise_share(20.0, 30.0) == 1.0  # alone worse than everything: capped
     assert _noise_share(math.inf, 20.0) == 0.0 and _noise_share(20.0, math.inf) == 0.0
+
+
+@pytest.mark.parametrize(("dtype", "zero_point"), [("int8", 0), ("uint8", 128)])
+def test_a_symmetric_policy_puts_zero_in_the_middle_of_the_grid(dtype, zero_point):
+    policy = make_policy({"base": "onnxruntime-cpu", "activation_dtype": dtype, "activation_symmetric": True})
+    scale, point = activation_qparams(-0.5, 2.54, policy)
+    assert point == zero_point and scale == pytest.approx(2.54 / 127, rel=1e-6)
+    affine_scale, affine_point = activation_qparams(-0.5, 2.54, make_policy({"activation_dtype": dtype}))
+    assert affine_scale == pytest.approx(3.04 / 255, rel=1e-6) and affine_point != zero_point
+
+
+def test_a_symmetric_flag_must_be_a_boolean():
+    with pytest.raises(TargetError, match="activation_symmetric must be true or false"):
+        make_policy({"activation_symmetric": "yes"})

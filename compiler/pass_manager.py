@@ -65,11 +65,17 @@ class PassManager:
         ledger.initial = {**_snapshot(gm), "drift": probe.drift(outputs, reference).to_dict()}
         self._dump(0, "capture", gm)
         for index, pass_ in enumerate(self.passes, start=1):
-            gm = self._run_one(index, pass_, gm, ctx, reference, ledger)
+            gm, outputs = self._run_one(index, pass_, gm, ctx, (reference, outputs), ledger)
         ledger.fallbacks.extend(ctx.fallbacks)
         return gm
 
-    def _run_one(self, index, pass_, gm, ctx, reference, ledger) -> fx.GraphModule:
+    def _run_one(self, index, pass_, gm, ctx, references, ledger) -> tuple[fx.GraphModule, tuple]:
+        """Run one pass; its drift is measured against eager, its exactness against the outputs before it.
+
+        An exact pass after a lossy one (a cleanup after pruning) must keep what the lossy pass
+        left, not the original outputs.
+        """
+        reference, previous = references
         before = _snapshot(gm)
         before_print = ir.fingerprint(gm)
         started = time.perf_counter()
@@ -80,7 +86,7 @@ class PassManager:
         outputs = probe.run_annotated(gm, ctx.probe_inputs)
         drift = probe.drift(outputs, reference)
         if self.verify and pass_.exact:
-            self._check_exact(pass_, outputs, reference, drift, ledger)
+            self._check_exact(pass_, outputs, previous, ledger)
         after = _snapshot(gm)
         entry = LedgerEntry(
             name=pass_.name, options=dict(pass_.options), modified=result.modified,
@@ -95,7 +101,7 @@ class PassManager:
         self._dump(index, pass_.name, gm)
         if self.progress is not None:
             self.progress(pass_.name)
-        return gm
+        return gm, outputs
 
     def _call(self, pass_: Pass, gm, ctx, ledger) -> PassResult:
         try:
@@ -123,9 +129,10 @@ class PassManager:
                 f"pass {pass_.name!r} reported modified=False but changed the graph{_after(ledger)}"
             )
 
-    def _check_exact(self, pass_, outputs, reference, drift, ledger) -> None:
-        if probe.within_tolerance(outputs, reference, self.tolerance.rtol, self.tolerance.atol):
+    def _check_exact(self, pass_, outputs, previous, ledger) -> None:
+        if probe.within_tolerance(outputs, previous, self.tolerance.rtol, self.tolerance.atol):
             return
+        drift = probe.drift(outputs, previous)
         raise VerificationError(
             f"exact pass {pass_.name!r} changed the outputs on the probe batch beyond "
             f"rtol={self.tolerance.rtol}, atol={self.tolerance.atol} (max abs diff "

@@ -33,6 +33,7 @@ class PipelineResult:
     ledger: Ledger
     inputs: tuple[torch.Tensor, ...]
     reference: tuple[torch.Tensor, ...]
+    lossy: bool = False  # a pass changed the outputs on purpose (pruning, quantisation)
 
 
 def registry(package: str) -> dict:
@@ -121,7 +122,8 @@ def run_pipeline(
         ledger.capture["calibration"] = context.calibration_data.summary()
     manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
     gm = manager.run(captured.graph_module, context, reference, ledger)
-    return PipelineResult(gm, captured, target, ledger, inputs, reference)
+    lossy = any(not pass_.exact for pass_ in passes)
+    return PipelineResult(gm, captured, target, ledger, inputs, reference, lossy)
 
 
 _LINEAR_OPS = ("aten.linear", "aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention")

@@ -12,6 +12,7 @@ from passes.cleanup.remove_noops import RemoveNoops
 from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
+from passes.prune.prune_channels import PruneChannels
 from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
 from passes.quant.cross_layer_equalization import CrossLayerEqualization
@@ -29,6 +30,7 @@ REGISTRY: dict[str, type[Pass]] = {
         FoldConvBatchNorm,
         FoldLinearBatchNorm,
         MarkActivationFusion,
+        PruneChannels,
         Calibrate,
         InsertQDQ,
         QuantSensitivity,

@@ -19,6 +19,7 @@ from compiler.compiled import CompiledModel
 from compiler.errors import AccuracyError, ArtifactError, EmulationError, FallbackError, FxpressError
 from compiler.manifest import build_manifest
 from compiler.pipeline import PipelineResult, make_backend, registry, run_pipeline
+from compiler.pruning_options import pruning_passes
 from compiler.report import Ledger
 from compiler.targets import Target, get_target
 
@@ -37,6 +38,9 @@ def compile(  # noqa: A001 - the product's name for it
     model_name: str | None = None,
     strict: bool = False,
     progress: Callable[[str], None] | None = None,
+    prune: dict | None = None,
+    train_data: object = None,
+    recover_seconds: float = 180.0,
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -56,15 +60,24 @@ def compile(  # noqa: A001 - the product's name for it
         strict: raise FallbackError if the ledger records any fallback (a capture fallback fails
             before any pass runs).
         progress: called with a step name as each step (capture, every pass, lowering) finishes.
+        prune: structured channel pruning before quantisation, e.g. ``{"macs": 0.3}`` (remove 30%
+            of the MACs), with ``"importance"`` (``"l1"``, ``"l2"``), ``"protect"`` (fnmatch
+            patterns of layers whose width stays) and ``"round_to"`` (16).
+        train_data: unlabelled batches for recovery after pruning; default: ``calibration_data``.
+        recover_seconds: wall-clock budget of distillation recovery after pruning (0 skips it).
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     backend_target = get_target(target)
     backend = make_backend(backend_target)  # a bad backend option fails now, not after the passes
+    extra = pruning_passes(prune, recover_seconds)
+    if extra and calibration_data is None and train_data is not None:
+        calibration_data = train_data  # recovery reads the calibration slot when no other data is given
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress, strict=strict,
+        train_data=train_data, extra_passes=extra,
     )
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
         backend = make_backend(result.target)

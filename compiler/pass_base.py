@@ -30,6 +30,8 @@ class PassContext:
     target_name: str = ""
     fallbacks: list[str] = field(default_factory=list)  # passes append what they left undone
     quant_policy: Any = None  # compiler.quant_policy.QuantPolicy for targets that quantise
+    teacher: Any = None  # the captured IR before any pass, for passes that distil towards it
+    train_data: Any = None  # validated batches for training passes; None: they use calibration_data
 
 
 class Pass:

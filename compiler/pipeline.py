@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from compiler.capture import Captured, DynamicDims, capture, check_model, normal
 from compiler.errors import CalibrationDataError, CaptureError, FallbackError, TargetError
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import PassManager
+from compiler.pruning_options import with_passes
 from compiler.report import Ledger
 from compiler.targets import Target, get_target
 from compiler.tracing_errors import ModuleTracker, user_source_line
@@ -89,6 +91,8 @@ def run_pipeline(
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
     strict: bool = False,
+    train_data: object = None,
+    extra_passes: tuple = (),
 ) -> PipelineResult:
     """Capture ``model`` and run the target's passes with verification and a ledger.
 
@@ -106,6 +110,7 @@ def run_pipeline(
     if progress is not None:
         progress("capture")
     target, choice = choose_target(target, captured.graph_module, inputs)
+    target = with_passes(target, tuple(extra_passes))
     passes = build_passes(target)
     ledger = Ledger(model=model_name or type(model).__name__, target=target.name, capture=_capture_record(captured))
     if choice is not None:
@@ -120,6 +125,11 @@ def run_pipeline(
     if calibrates:
         context.calibration_data = _validated(calibration_data, inputs, captured, target)
         ledger.capture["calibration"] = context.calibration_data.summary()
+    if any(getattr(p, "needs_teacher", False) for p in passes):
+        context.teacher = copy.deepcopy(captured.graph_module)
+    if train_data is not None:
+        context.train_data = _validated(train_data, inputs, captured, target)
+        ledger.capture["train_data"] = context.train_data.summary()
     manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
     gm = manager.run(captured.graph_module, context, reference, ledger)
     lossy = any(not pass_.exact for pass_ in passes)

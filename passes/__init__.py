@@ -20,6 +20,7 @@ from passes.quant.gptq import GPTQ
 from passes.quant.insert_qdq import InsertQDQ
 from passes.quant.quant_sensitivity import QuantSensitivity
 from passes.quant.smooth_quant import SmoothQuant
+from passes.recovery.recover import Recover
 
 REGISTRY: dict[str, type[Pass]] = {
     cls.name: cls
@@ -31,6 +32,7 @@ REGISTRY: dict[str, type[Pass]] = {
         FoldLinearBatchNorm,
         MarkActivationFusion,
         PruneChannels,
+        Recover,
         Calibrate,
         InsertQDQ,
         QuantSensitivity,

@@ -94,9 +94,13 @@ def _target_steps(target: str) -> int:
               help="Calibration samples from a zoo model's bundled data, for targets that calibrate.")
 @click.option("--float-module", "float_modules", multiple=True,
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
+@click.option("--prune-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Prune channels until this fraction of the MACs is gone (e.g. 0.3), before any quantisation.")
+@click.option("--recover-seconds", type=click.FloatRange(0), default=180.0, show_default=True,
+              help="After pruning, distil towards the original on the zoo's bundled samples for this long.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
-                    as_json) -> None:
+                    prune_macs, recover_seconds, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -104,6 +108,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile efficientnet-lite0 -o out/
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
       fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
+      fxpress compile digits-cnn -o out-pruned/ --prune-macs 0.5 --recover-seconds 30
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api
     from compiler.artifact import check_destination
@@ -112,11 +117,13 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
     chosen = _with_float_modules(target, float_modules)
-    calibration = _calibration(source, chosen, calibration_samples)
+    recovers = prune_macs is not None and recover_seconds > 0
+    calibration = _calibration(source, chosen, calibration_samples, recovers)
+    prune = None if prune_macs is None else {"macs": prune_macs}
     with _progress(_target_steps(target), f"compiling {source.name}") as step:
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
                                dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
-                               strict=strict, progress=step)
+                               strict=strict, progress=step, prune=prune, recover_seconds=recover_seconds)
     directory = compiled.save(output, force=force)
     if as_json:
         click.echo(json.dumps({"artifact": str(directory), "report": compiled.report.to_dict()}, indent=2))
@@ -141,16 +148,17 @@ def _with_float_modules(target: str, float_modules: tuple[str, ...]):
     return dataclasses.replace(chosen, quant_policy=policy)
 
 
-def _calibration(source, target, samples: int):
-    """The zoo model's bundled calibration samples when the target calibrates, else None."""
+def _calibration(source, target, samples: int, recovers: bool = False):
+    """The zoo model's bundled calibration samples when the target calibrates or pruning recovers, else None."""
     from compiler.errors import UsageError
 
-    if "calibrate" not in {spec.name for spec in target.pipeline}:
+    if not recovers and "calibrate" not in {spec.name for spec in target.pipeline}:
         return None
     if source.zoo_entry is None:
+        needs = "recovery after pruning needs data" if recovers else f"target {target.name!r} calibrates"
         raise UsageError(
-            f"target {target.name!r} calibrates and {source.name!r} is not a zoo model with bundled data; "
-            "use the Python API: compile(model, target, example_inputs, calibration_data=batches)"
+            f"{needs} and {source.name!r} is not a zoo model with bundled data; use the Python API: "
+            "compile(model, target, example_inputs, calibration_data=batches), or --recover-seconds 0"
         )
     batch = source.zoo_entry.calibration_data(samples)
     return [tuple(tensor[start:start + 32] for tensor in batch) for start in range(0, samples, 32)]

@@ -1,0 +1,1 @@
+"""Recovery: distillation of the optimised IR towards the model before the lossy passes (``recover``)."""

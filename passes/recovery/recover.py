@@ -1,0 +1,177 @@
+"""Distillation recovery: fine-tune the IR's weights towards the model as it was captured.
+
+The teacher is the captured IR before any pass (the pass context's ``teacher``), the student the
+IR after the lossy passes before this one (pruning, later low-rank). Every float weight and bias
+read by a conv or linear is trained with Adam on the user's unlabelled data (``train_data``, or
+the calibration data when none is given) until the wall-clock budget is spent:
+
+* classifiers: KL divergence between the softened distributions at ``temperature``, scaled by
+  ``temperature ** 2`` (Hinton et al.);
+* embedding models (unit-norm output rows): one minus the cosine of each row.
+
+Batches are drawn in a seeded order; ``max_steps`` bounds the steps as well (tests use it, since a
+time budget runs a machine-dependent number of steps). A tenth of the samples (at least 8, when
+there are 80 or more) is held out: the ledger shows the loss curve and the held-out distance to
+the teacher (agreement of the top class, or mean cosine) before and after.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from compiler import ir
+from compiler.errors import PassError
+from compiler.pass_base import Pass, PassContext, PassResult
+
+_WEIGHTED = ("aten.conv2d", "aten.conv1d", "aten.linear")
+_CURVE_POINTS = 10
+
+
+class Recover(Pass):
+    """Distil the IR towards the captured model within a wall-clock budget."""
+
+    name = "recover"
+    exact = False
+    needs_calibration = True
+    needs_teacher = True
+    default_options = {"seconds": 180.0, "max_steps": None, "lr": 1e-4, "temperature": 2.0,
+                       "batch_size": 16, "seed": 0}
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """A teacher, data, and sane options."""
+        super().requires(gm, ctx)
+        if ctx.teacher is None:
+            raise PassError(f"pass {self.name!r} needs the captured model as its teacher in the pass context")
+        seconds = self.options["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+            raise PassError(f"pass {self.name!r}: seconds must be a number >= 0, got {seconds!r}")
+        for key in ("lr", "temperature"):
+            if not isinstance(self.options[key], (int, float)) or self.options[key] <= 0:
+                raise PassError(f"pass {self.name!r}: {key} must be positive, got {self.options[key]!r}")
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Train until the budget is spent; report the loss curve and held-out quality."""
+        if self.options["seconds"] == 0 or self.options["max_steps"] == 0:
+            return PassResult(gm, modified=False, stats={"steps": 0, "reason": "no budget"})
+        samples = _samples(ctx.train_data if ctx.train_data is not None else ctx.calibration_data)
+        train, held_out = _split(samples)
+        teacher = ctx.teacher
+        kind = _kind(teacher, train)
+        before = _quality(gm, teacher, held_out, kind)
+        names = _trainable(gm)
+        curve, steps, seconds = self._train(gm, teacher, train, names, kind)
+        _freeze(gm, names)
+        return PassResult(gm, modified=steps > 0, stats={
+            "steps": steps, "seconds": round(seconds, 1), "loss": kind, "tensors_trained": len(names),
+            "samples": {"train": _count(train), "held_out": _count(held_out)}, "loss_curve": curve,
+            "held_out_before": before, "held_out_after": _quality(gm, teacher, held_out, kind),
+        })
+
+    def _train(self, gm, teacher, train, names, kind) -> tuple[list[float], int, float]:
+        parameters = [ir.get_attribute(gm, name) for name in names]
+        optimiser = torch.optim.Adam(parameters, lr=self.options["lr"])
+        generator = torch.Generator().manual_seed(self.options["seed"])
+        started, steps, losses = time.perf_counter(), 0, []
+        deadline = started + self.options["seconds"]
+        limit = self.options["max_steps"] or math.inf
+        while steps < limit and time.perf_counter() < deadline:
+            for batch in _batches(train, self.options["batch_size"], generator):
+                with torch.no_grad():
+                    target = teacher(*batch)[0]
+                loss = _loss(gm(*batch)[0], target, kind, self.options["temperature"])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.item())
+                steps += 1
+                if steps >= limit or time.perf_counter() >= deadline:
+                    break
+        return _curve(losses), steps, time.perf_counter() - started
+
+
+def _samples(data) -> tuple[torch.Tensor, ...]:
+    """All samples of validated batches, concatenated along the batch dimension."""
+    if data is None:
+        raise PassError("pass 'recover' needs data: pass train_data (or calibration_data) to compile()")
+    batches = list(data)
+    return tuple(torch.cat([batch[index] for batch in batches]) for index in range(len(batches[0])))
+
+
+def _split(samples: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
+    count = samples[0].shape[0]
+    held = max(8, count // 10) if count >= 80 else 0
+    return tuple(t[: count - held] for t in samples), tuple(t[count - held:] for t in samples)
+
+
+def _count(samples: tuple[torch.Tensor, ...]) -> int:
+    return int(samples[0].shape[0]) if samples else 0
+
+
+def _batches(samples, size: int, generator: torch.Generator):
+    order = torch.randperm(samples[0].shape[0], generator=generator)
+    for start in range(0, len(order), size):
+        index = order[start:start + size]
+        yield tuple(tensor[index] for tensor in samples)
+
+
+def _kind(teacher, samples) -> str:
+    """``"cosine"`` for unit-norm output rows (sentence embeddings), ``"kl"`` otherwise."""
+    with torch.no_grad():
+        output = teacher(*(tensor[:8] for tensor in samples))[0]
+    rows = output.reshape(output.shape[0], -1).norm(dim=1)
+    return "cosine" if torch.allclose(rows, torch.ones_like(rows), atol=1e-3) else "kl"
+
+
+def _loss(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float) -> torch.Tensor:
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+    soft_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    soft_student = F.log_softmax(student / temperature, dim=-1)
+    return F.kl_div(soft_student, soft_teacher, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def _quality(gm, teacher, samples, kind: str) -> float | None:
+    """Held-out agreement of the top class (kl) or mean cosine (cosine) with the teacher."""
+    if not _count(samples):
+        return None
+    with torch.no_grad():
+        student, target = gm(*samples)[0], teacher(*samples)[0]
+    if kind == "cosine":
+        return round(float(F.cosine_similarity(student.flatten(1), target.flatten(1), dim=1).mean()), 4)
+    return round(float((student.argmax(-1) == target.argmax(-1)).double().mean()), 4)
+
+
+def _trainable(gm: fx.GraphModule) -> list[str]:
+    """Weights and biases of convs and linears, made trainable parameters; their attribute names."""
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and ir.op_name(node) in _WEIGHTED:
+            for argument in node.args[1:3]:
+                if isinstance(argument, fx.Node) and argument.op == "get_attr" and argument.target not in names:
+                    if ir.get_attribute(gm, argument.target).is_floating_point():
+                        names.append(argument.target)
+    for name in names:
+        tensor = ir.get_attribute(gm, name).detach().clone()
+        owner_path, _, attribute = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        owner._buffers.pop(attribute, None)
+        owner._parameters[attribute] = torch.nn.Parameter(tensor, requires_grad=True)
+    return names
+
+
+def _freeze(gm: fx.GraphModule, names: list[str]) -> None:
+    for name in names:
+        ir.set_attribute(gm, name, ir.get_attribute(gm, name).detach())
+
+
+def _curve(losses: list[float]) -> list[float]:
+    """About ten points of the loss, each the mean of its stretch of steps."""
+    if not losses:
+        return []
+    size = max(1, len(losses) // _CURVE_POINTS)
+    return [round(sum(losses[i:i + size]) / len(losses[i:i + size]), 5) for i in range(0, len(losses), size)]

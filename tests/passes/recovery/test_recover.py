@@ -1,0 +1,130 @@
+"""recover: distillation towards the captured model, seeded, bounded, reported; and the public
+``compile(..., prune=..., train_data=..., recover_seconds=...)`` surface that schedules it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import models
+from compiler import TARGETS, CalibrationDataError, PassSpec, TargetError, compile
+from compiler.cli import main
+from compiler.pipeline import run_pipeline
+from passes.recovery.recover import _kind
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return models.load("digits-cnn")
+
+
+def recovering_target(**recover):
+    base = TARGETS["cpu-fp32"]
+    extra = (PassSpec("prune_channels", {"macs": 0.5}), PassSpec("eliminate_dead_code"), PassSpec("recover", recover))
+    return dataclasses.replace(base, name="pruned-recovered", pipeline=(*base.pipeline, *extra))
+
+
+def accuracy(logits, labels) -> float:
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def test_recovery_wins_back_accuracy_and_is_reproducible(digits):
+    data = [digits.calibration_data(512)]
+    target = recovering_target(seconds=600, max_steps=150)
+    first = run_pipeline(digits.model, target, digits.example_inputs, calibration_data=data)
+    second = run_pipeline(digits.model, target, digits.example_inputs, calibration_data=data)
+    stats = first.ledger.entry("recover").stats
+    assert stats["steps"] == 150 and stats["loss"] == "kl" and stats["tensors_trained"] == 6
+    assert stats["loss_curve"][-1] < stats["loss_curve"][0] / 2
+    assert stats["samples"] == {"train": 461, "held_out": 51}
+    images, labels = digits.eval_data(540)[0], digits.eval_labels(540)
+    unrecovered = run_pipeline(digits.model, recovering_target(seconds=0), digits.example_inputs,
+                               calibration_data=data).graph_module
+    with torch.no_grad():
+        before = accuracy(unrecovered(images)[0], labels)
+        after = accuracy(first.graph_module(images)[0], labels)
+        assert torch.equal(first.graph_module(images)[0], second.graph_module(images)[0])  # seeded
+    assert after > before + 0.01, (before, after)
+
+
+def test_no_budget_leaves_the_graph_alone(digits):
+    result = run_pipeline(digits.model, recovering_target(seconds=0), digits.example_inputs,
+                          calibration_data=[digits.calibration_data(64)])
+    entry = result.ledger.entry("recover")
+    assert entry.modified is False and entry.stats == {"steps": 0, "reason": "no budget"}
+
+
+def test_compile_prunes_recovers_and_lowers(digits):
+    compiled = compile(digits.model, "cpu-fp32", digits.example_inputs, prune={"macs": 0.5},
+                       train_data=[digits.calibration_data(256)], recover_seconds=2)
+    names = [entry.name for entry in compiled.report.entries]
+    assert names[-3:] == ["prune_channels", "eliminate_dead_code", "recover"]
+    assert compiled.report.capture["train_data"].startswith("1 batch(es), 256 sample(s)")
+    images = digits.eval_data(8)[0]
+    with torch.no_grad():
+        expected = compiled.graph_module(images)[0]
+    torch.testing.assert_close(compiled(images), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_without_recovery_schedules_none(digits):
+    compiled = compile(digits.model, "cpu-fp32", digits.example_inputs, prune={"macs": 0.3}, recover_seconds=0)
+    assert [entry.name for entry in compiled.report.entries][-2:] == ["prune_channels", "eliminate_dead_code"]
+
+
+def test_recovery_without_data_says_what_to_give(digits):
+    with pytest.raises(CalibrationDataError, match="needs calibration_data"):
+        compile(digits.model, "cpu-fp32", digits.example_inputs, prune={"macs": 0.3}, recover_seconds=5)
+
+
+@pytest.mark.parametrize(("prune", "seconds", "message"), [
+    ({"latency": 0.7}, 0, "prune={'latency': ...} is not built yet"),
+    ({"colour": 1}, 0, "prune has no key"),
+    ({"round_to": 8}, 0, "prune needs a budget"),
+    ([0.3], 0, "prune must be a dict"),
+    ({"macs": 0.3}, -1, "recover_seconds must be a number >= 0"),
+])
+def test_bad_pruning_arguments_are_target_errors(digits, prune, seconds, message):
+    with pytest.raises(TargetError, match=message):
+        compile(digits.model, "cpu-fp32", digits.example_inputs, prune=prune, recover_seconds=seconds)
+
+
+class Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return F.normalize(self.linear(x), dim=1)
+
+
+def test_unit_norm_outputs_are_distilled_by_cosine_and_logits_by_kl():
+    torch.manual_seed(0)
+    samples = (torch.randn(16, 6),)
+    assert _kind(lambda x: (Embedder()(x),), samples) == "cosine"
+    assert _kind(lambda x: (nn.Linear(6, 4)(x),), samples) == "kl"
+
+
+def test_the_command_prunes_and_recovers_a_zoo_model(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "digits-cnn", "-o", str(tmp_path / "out"), "--prune-macs", "0.5",
+                                       "--recover-seconds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    passes = [entry["name"] for entry in json.loads(result.stdout)["report"]["passes"]]
+    assert passes[-3:] == ["prune_channels", "eliminate_dead_code", "recover"]
+
+
+def test_the_command_asks_for_data_it_cannot_find(tmp_path):
+    factory = tmp_path / "user.py"
+    factory.write_text("import torch\nfrom torch import nn\n\ndef build():\n"
+                       "    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 1)).eval(), "
+                       "torch.randn(2, 3, 8, 8)\n")
+    arguments = ["compile", f"{factory}:build", "-o", str(tmp_path / "out"), "--prune-macs", "0.3"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 2
+    assert "recovery after pruning needs data" in result.stderr and "--recover-seconds 0" in result.stderr
+    assert not (tmp_path / "out").exists()

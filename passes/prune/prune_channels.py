@@ -62,8 +62,7 @@ class PruneChannels(Pass):
         scores = {index: _importance(gm, group, self.options["importance"]) for index, group in enumerate(groups)}
         budget = (1 - self.options["macs"]) * probe.total_macs(gm)
         fraction = self._fraction(gm, groups, scores, ctx.probe_inputs, budget)
-        widths = self._apply(gm, groups, scores, fraction)
-        probe.run_annotated(gm, ctx.probe_inputs)
+        widths = self._apply(gm, groups, scores, fraction)  # the pass manager re-annotates after every pass
         return PassResult(gm, modified=bool(widths), stats={
             "groups_pruned": len(widths), "keep_fraction": round(fraction, 4), "widths": widths,
             "skipped": _counted(skipped),

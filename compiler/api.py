@@ -60,9 +60,14 @@ def compile(  # noqa: A001 - the product's name for it
         strict: raise FallbackError if the ledger records any fallback (a capture fallback fails
             before any pass runs).
         progress: called with a step name as each step (capture, every pass, lowering) finishes.
-        prune: structured channel pruning before quantisation, e.g. ``{"macs": 0.3}`` (remove 30%
-            of the MACs), with ``"importance"`` (``"l1"``, ``"l2"``), ``"protect"`` (fnmatch
-            patterns of layers whose width stays) and ``"round_to"`` (16).
+        prune: pruning before quantisation. Structured: ``{"macs": 0.3}`` or ``{"params": 0.3}`` (the
+            fraction to remove), with ``"importance"`` (``"reconstruction"``, the data-aware default,
+            or ``"l1"``/``"l2"``), ``"allocation"`` (``"global"``/``"uniform"``), ``"max_prune"``
+            (the most of one group removed, 0.8), ``"protect"`` (fnmatch patterns of layers whose width
+            stays), ``"round_to"`` (``"auto"``: the backend's kernel block) and
+            ``"reconstruct"`` (``"readers"``, ``"all"`` or False: least-squares re-fit on calibration
+            data). Unstructured: ``{"sparsity": 0.5}`` or ``{"threshold": 1e-3}`` (zeroes weights; no
+            speed-up on ONNX Runtime). ``{"latency": ...}`` is not built yet.
         train_data: unlabelled batches for recovery after pruning; default: ``calibration_data``.
         recover_seconds: wall-clock budget of distillation recovery after pruning (0 skips it).
 
@@ -134,11 +139,14 @@ def _check_lowered(result: PipelineResult, outputs: tuple[torch.Tensor, ...], in
     # A pipeline that changes the outputs on purpose (pruning) is lowered right when the runtime
     # computes what its final IR computes; eager is then the ledger's business, not lowering's.
     reference, against = (_ir_outputs(result), "its optimised IR") if result.lossy else (result.reference, "eager")
-    if not probe.within_tolerance(outputs, reference, tolerance.rtol, tolerance.atol):
+    atol = tolerance.atol
+    if result.lossy:  # re-fitted weights: fp32 rounding grows with the outputs' scale, so atol does too
+        atol *= max(1.0, max(float(tensor.abs().max()) for tensor in reference if tensor.numel()))
+    if not probe.within_tolerance(outputs, reference, tolerance.rtol, atol):
         drift = probe.drift(outputs, reference)
         raise AccuracyError(
             f"the {info['backend']} model differs from {against} beyond the target's tolerance "
-            f"(rtol={tolerance.rtol}, atol={tolerance.atol}): max abs diff {drift.max_abs:.3g}, "
+            f"(rtol={tolerance.rtol}, atol={atol:.3g}): max abs diff {drift.max_abs:.3g}, "
             f"cosine {drift.cosine:.6f}; run inspect() to see each pass's drift"
         )
 

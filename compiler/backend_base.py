@@ -69,6 +69,10 @@ class Backend:
         """Facts about this machine that shaped the policy (ISA, int8 format), for the ledger."""
         return {}
 
+    def channel_multiple(self) -> int:
+        """The multiple of channels this backend's kernels run fastest at (pruning rounds widths to it)."""
+        return 1
+
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The quantised IR computed with the runtime's own kernel arithmetic (bit-exact where it can be).
 

@@ -32,6 +32,7 @@ class PassContext:
     quant_policy: Any = None  # compiler.quant_policy.QuantPolicy for targets that quantise
     teacher: Any = None  # the captured IR before any pass, for passes that distil towards it
     train_data: Any = None  # validated batches for training passes; None: they use calibration_data
+    channel_multiple: int = 1  # the width multiple the backend's kernels want (Backend.channel_multiple)
 
 
 class Pass:

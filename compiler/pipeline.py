@@ -120,10 +120,12 @@ def run_pipeline(
     if calibration_data is not None and not calibrates and choice is None:
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
     context = PassContext(inputs, inputs, None, target.name)
+    context.channel_multiple = make_backend(target).channel_multiple()
     if target.quant_policy:
         context.quant_policy = _quant_policy(target, ledger)
     if calibrates:
-        context.calibration_data = _validated(calibration_data, inputs, captured, target)
+        users = [p.name for p in passes if getattr(p, "needs_calibration", False)]
+        context.calibration_data = _validated(calibration_data, inputs, captured, target, users)
         ledger.capture["calibration"] = context.calibration_data.summary()
     if any(getattr(p, "needs_teacher", False) for p in passes):
         context.teacher = copy.deepcopy(captured.graph_module)
@@ -178,12 +180,14 @@ def make_backend(target: Target):
     return backends[target.backend](**dict(target.backend_options))
 
 
-def _validated(calibration_data: object, inputs: tuple[torch.Tensor, ...], captured: Captured, target: Target):
+def _validated(calibration_data: object, inputs: tuple[torch.Tensor, ...], captured: Captured, target: Target,
+               users: list[str] | None = None):
     """Validated calibration batches, before any pass runs; a clear error when none were given."""
     if calibration_data is None:
+        readers = f" (read by {', '.join(users)})" if users else ""
         raise CalibrationDataError(
-            f"target {target.name!r} calibrates quantisation ranges and needs calibration_data: an iterable of "
-            "a few hundred representative inputs shaped like the example inputs (tensors, tuples or dicts)"
+            f"target {target.name!r} needs calibration_data{readers}: an iterable of a few hundred "
+            "representative inputs shaped like the example inputs (tensors, tuples or dicts)"
         )
     validate = importlib.import_module("passes.quant.calibration_data").validate_calibration_data
     return validate(calibration_data, inputs, captured.input_names, captured.dynamic_dims)

@@ -13,9 +13,11 @@ from typing import Any
 from compiler.errors import TargetError
 from compiler.targets import PassSpec, Target
 
-_BUDGETS = ("macs",)
-_NOT_YET = ("latency", "params")
-_OPTIONS = ("importance", "protect", "round_to")
+_BUDGETS = ("macs", "params")
+_UNSTRUCTURED = ("sparsity", "threshold")
+_NOT_YET = ("latency",)
+_OPTIONS = ("importance", "protect", "round_to", "reconstruct", "reconstruct_samples", "allocation", "max_prune")
+_UNSTRUCTURED_OPTIONS = ("scope", "protect")
 _QUANTISATION_PASSES = ("calibrate", "gptq", "quant_sensitivity", "bias_correction", "insert_qdq")
 
 
@@ -25,16 +27,26 @@ def pruning_passes(prune: Mapping[str, Any] | None, recover_seconds: float) -> t
         return ()
     if not isinstance(prune, Mapping):
         raise TargetError(f"prune must be a dict such as {{'macs': 0.3}}, got {type(prune).__name__}")
-    unknown = sorted(set(prune) - set(_BUDGETS) - set(_NOT_YET) - set(_OPTIONS))
+    known = _BUDGETS + _UNSTRUCTURED + _NOT_YET + _OPTIONS + _UNSTRUCTURED_OPTIONS
+    unknown = sorted(set(prune) - set(known))
     if unknown:
-        raise TargetError(f"prune has no key(s) {', '.join(unknown)}; keys: {', '.join(_BUDGETS + _OPTIONS)}")
+        raise TargetError(f"prune has no key(s) {', '.join(unknown)}; keys: {', '.join(known)}")
     if waiting := [key for key in _NOT_YET if key in prune]:
         raise TargetError(f"prune={{{waiting[0]!r}: ...}} is not built yet; give a MAC budget, e.g. {{'macs': 0.3}}")
-    if "macs" not in prune:
-        raise TargetError("prune needs a budget: {'macs': fraction of MACs to remove}")
+    budgets = [key for key in _BUDGETS + _UNSTRUCTURED if key in prune]
+    if len(budgets) != 1:
+        raise TargetError("prune needs one budget: {'macs': fraction of MACs to remove}, {'params': fraction of "
+                          "parameters to remove}, or unstructured {'sparsity': fraction of weights zeroed} / "
+                          f"{{'threshold': magnitude}}; got {budgets or 'none'}")
     if isinstance(recover_seconds, bool) or not isinstance(recover_seconds, (int, float)) or recover_seconds < 0:
         raise TargetError(f"recover_seconds must be a number >= 0, got {recover_seconds!r}")
-    passes = [PassSpec("prune_channels", dict(prune)), PassSpec("eliminate_dead_code")]
+    if budgets[0] in _UNSTRUCTURED:
+        if misplaced := sorted(set(prune) - set(_UNSTRUCTURED) - set(_UNSTRUCTURED_OPTIONS)):
+            raise TargetError(f"prune key(s) {', '.join(misplaced)} belong to structured pruning, not to "
+                              f"{budgets[0]!r}; unstructured options: {', '.join(_UNSTRUCTURED_OPTIONS)}")
+        passes = [PassSpec("sparsify_weights", dict(prune))]
+    else:
+        passes = [PassSpec("prune_channels", dict(prune)), PassSpec("eliminate_dead_code")]
     if recover_seconds > 0:
         passes.append(PassSpec("recover", {"seconds": float(recover_seconds)}))
     return tuple(passes)

@@ -13,6 +13,7 @@ from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
 from passes.prune.prune_channels import PruneChannels
+from passes.prune.sparsify_weights import SparsifyWeights
 from passes.quant.bias_correction import BiasCorrection
 from passes.quant.calibrate import Calibrate
 from passes.quant.cross_layer_equalization import CrossLayerEqualization
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Pass]] = {
         FoldLinearBatchNorm,
         MarkActivationFusion,
         PruneChannels,
+        SparsifyWeights,
         Recover,
         Calibrate,
         InsertQDQ,

@@ -17,7 +17,7 @@ from backends.onnx.weight_storage import store_exact_half_weights
 from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears
 from backends.onnxruntime.embedding_quant import quantize_embedding_tables
 from backends.onnxruntime.emulation import emulate
-from backends.onnxruntime.isa import detect_isa, int8_format
+from backends.onnxruntime.isa import channel_multiple, detect_isa, int8_format
 from backends.onnxruntime.policy import make_policy
 from backends.onnxruntime.rewrites import fuse_gelu
 from compiler.backend_base import Backend, Lowered, LoweringRequest
@@ -135,6 +135,10 @@ class OnnxRuntimeBackend(Backend):
     def hardware(self) -> dict[str, Any]:
         """This CPU's int8-relevant ISA and the int8 format chosen for it."""
         return {**detect_isa().to_dict(), "int8_format": int8_format().to_dict()}
+
+    def channel_multiple(self) -> int:
+        """16 on AVX-512 (MLAS's NCHWc convolutions and int8 GEMMs block by 16), 8 otherwise (AVX2)."""
+        return channel_multiple(detect_isa())
 
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The IR with every group ONNX Runtime fuses computed by that kernel's arithmetic (bit-exact on x86-64)."""

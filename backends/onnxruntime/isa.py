@@ -83,6 +83,15 @@ def detect_isa() -> CpuIsa:
     return CpuIsa(machine, capability in ("AVX512_VNNI", "AMX"), (capability.lower(),), "torch cpu capability")
 
 
+def channel_multiple(isa: CpuIsa) -> int:
+    """The channel block of MLAS's blocked kernels on this ISA: 16 with AVX-512, 8 otherwise.
+
+    Measured: EfficientNet-Lite0 pruned to widths like 13 or 26 ran 1.4-2.3x slower than unpruned on an
+    AVX-512 machine; rounded to multiples of 16 the same pruning ran at 0.77x.
+    """
+    return 16 if "avx512f" in isa.flags or "avx512" in isa.flags else 8
+
+
 def int8_format(isa: CpuIsa | None = None) -> Int8Format:
     """U8S8 with 8-bit weights where VNNI makes it exact; 7-bit weights (reduce_range) where not."""
     isa = isa or detect_isa()

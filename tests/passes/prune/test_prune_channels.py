@@ -37,7 +37,8 @@ def with_dead_channels(model, count: int):
 
 def test_cutting_channels_that_carry_zero_changes_nothing(digits):
     model = with_dead_channels(digits.model, 16)
-    compiled = compile(model, pruning_target(macs=0.3), digits.example_inputs)
+    compiled = compile(model, pruning_target(macs=0.3, importance="l1", reconstruct=False, round_to=16),
+                       digits.example_inputs)
     entry = compiled.report.entry("prune_channels")
     assert entry.stats["widths"] == {"conv2": [32, 16]}  # conv1's 16 channels are not above round_to
     assert entry.macs_after < 0.7 * entry.macs_before
@@ -49,6 +50,59 @@ def test_cutting_channels_that_carry_zero_changes_nothing(digits):
     assert (10, 16 * 4 * 4) in weights.values()  # the classifier lost 16 blocks of 16 columns
 
 
+@pytest.mark.parametrize("importance", ["l2", "reconstruction"])
+def test_every_importance_finds_the_channels_that_carry_zero(digits, importance):
+    model = with_dead_channels(digits.model, 16)
+    calibration = digits.calibration_data(64)
+    result = run_pipeline(model, pruning_target(macs=0.3, importance=importance, round_to=16), digits.example_inputs,
+                          calibration_data=[calibration])
+    entry = result.ledger.entry("prune_channels")
+    assert entry.stats["widths"] == {"conv2": [32, 16]}
+    images = digits.eval_data(64)[0]
+    with torch.no_grad():
+        expected, actual = model(images), result.graph_module(images)[0]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)  # the cut channels carried exactly 0
+    # 64 samples are too few rows for the classifier's 256 remaining columns: left as cut, and said so
+    assert entry.stats["reconstruction"]["layers_fitted"] == 0
+    assert "fewer than 4 calibration rows per input weight" in next(iter(entry.stats["reconstruction"]["skipped"]))
+
+
+def test_reconstruction_brings_a_pruned_model_closer_than_cutting_alone(digits):
+    calibration = digits.calibration_data(256)
+    images = digits.eval_data(256)[0]
+    with torch.no_grad():
+        expected = digits.model(images)
+    errors = {}
+    for reconstruct in (False, True):
+        result = run_pipeline(digits.model, pruning_target(macs=0.5, importance="l1", reconstruct=reconstruct,
+                                                           round_to=4),
+                              digits.example_inputs, calibration_data=[calibration])
+        with torch.no_grad():
+            errors[reconstruct] = float((result.graph_module(images)[0] - expected).pow(2).mean())
+    assert errors[True] < 0.5 * errors[False], errors
+    assert result.ledger.entry("prune_channels").stats["reconstruction"]["layers_fitted"] >= 1
+
+
+def test_a_parameter_budget_is_met_and_uniform_allocation_keeps_one_share(digits):
+    calibration = digits.calibration_data(64)
+    result = run_pipeline(digits.model, pruning_target(params=0.3, allocation="uniform"),
+                          digits.example_inputs, calibration_data=[calibration])
+    entry = result.ledger.entry("prune_channels")
+    assert entry.params_after <= 0.7 * entry.params_before
+    assert entry.stats["budget"] == {"params": 0.3}
+
+
+def test_round_to_auto_takes_the_backends_channel_multiple(digits):
+    from backends.onnxruntime.isa import channel_multiple, detect_isa
+
+    calibration = digits.calibration_data(64)
+    result = run_pipeline(digits.model, pruning_target(macs=0.3), digits.example_inputs,
+                          calibration_data=[calibration])
+    entry = result.ledger.entry("prune_channels")
+    assert entry.stats["round_to"] == channel_multiple(detect_isa()) in (8, 16)
+    assert all(kept % entry.stats["round_to"] == 0 for _, kept in entry.stats["widths"].values())
+
+
 def test_zero_percent_is_the_identity(digits):
     result = run_pipeline(digits.model, pruning_target(macs=0.0), digits.example_inputs)
     entry = result.ledger.entry("prune_channels")
@@ -58,11 +112,13 @@ def test_zero_percent_is_the_identity(digits):
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_efficientnet_meets_the_budget_with_widths_in_multiples_of_16(ratio):
     entry_model = models.load("efficientnet-lite0")
-    compiled = compile(entry_model.model, pruning_target(macs=ratio), entry_model.example_inputs)
+    compiled = compile(entry_model.model, pruning_target(macs=ratio, round_to=16), entry_model.example_inputs,
+                       calibration_data=[entry_model.calibration_data(32)])
     entry = compiled.report.entry("prune_channels")
     removed = 1 - entry.macs_after / entry.macs_before
     assert ratio <= removed <= ratio + 0.05, removed
-    assert entry.stats["groups_pruned"] >= 20
+    assert entry.stats["groups_pruned"] >= 10
+    assert entry.stats["reconstruction"]["layers_fitted"] >= 10
     assert all(kept % 16 == 0 and kept < before for before, kept in entry.stats["widths"].values())
     assert entry.stats["skipped"]["graph output 'linear': the model's interface keeps its width"] == 1
     # the runtime computes what the pruned IR computes (compile checks it), at batch sizes beyond the example
@@ -73,7 +129,8 @@ def test_efficientnet_meets_the_budget_with_widths_in_multiples_of_16(ratio):
 
 
 def test_protected_groups_are_left_whole_and_say_so(digits):
-    result = run_pipeline(digits.model, pruning_target(macs=0.3, protect=["conv2"]), digits.example_inputs)
+    result = run_pipeline(digits.model, pruning_target(macs=0.3, protect=["conv2"], reconstruct=False,
+                                                       importance="l1"), digits.example_inputs)
     entry = result.ledger.entry("prune_channels")
     assert entry.modified is False and entry.stats["skipped"]["protected"] == 1
 
@@ -81,9 +138,14 @@ def test_protected_groups_are_left_whole_and_say_so(digits):
 @pytest.mark.parametrize(("options", "message"), [
     ({"macs": 1.0}, "fraction of MACs to remove"),
     ({"macs": True}, "fraction of MACs to remove"),
-    ({"importance": "taylor"}, "importance 'taylor' is not one of l1, l2"),
-    ({"round_to": 0}, "round_to must be a positive integer"),
+    ({"params": 1.5}, "fraction of parameters to remove"),
+    ({"importance": "taylor"}, "importance 'taylor' is not one of l1, l2, reconstruction"),
+    ({"round_to": 0}, "round_to must be 'auto' or a positive integer"),
+    ({"macs": 0.3, "params": 0.3}, "give one budget"),
+    ({"allocation": "by-hand"}, "allocation must be 'global' or 'uniform'"),
+    ({"max_prune": 0}, "max_prune"),
 ])
 def test_bad_options_are_pass_errors(digits, options, message):
     with pytest.raises(PassError, match=message):
-        run_pipeline(digits.model, pruning_target(**options), digits.example_inputs)
+        run_pipeline(digits.model, pruning_target(**options), digits.example_inputs,
+                     calibration_data=[digits.calibration_data(16)])

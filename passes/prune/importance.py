@@ -1,0 +1,145 @@
+"""How much each channel of a group matters: weight norms, or its measured cost to the next layers.
+
+* ``l1`` / ``l2``: the norm of the weight rows that write each channel (convs, linears, depthwise
+  filters), each member's norms divided by their mean so that no layer dominates by scale. Cheap,
+  data-free, and blind to what the channel carries: a channel with small weights and a large
+  bias writes a large constant, and cutting it shifts every layer that reads it.
+* ``reconstruction`` (data-aware): the error each reader's output gains when the channel is removed
+  and the reader's remaining weights and bias are re-fitted by least squares on calibration
+  activations, the optimal-brain-surgeon quantity ``w_c^T [(G^-1)_cc]^-1 w_c`` with ``G`` the
+  second-moment matrix of the reader's input (with a constant column, so a channel's mean is
+  absorbed by the bias) and ``w_c`` the reader's weights on that channel (a block of columns for a
+  kxk conv or behind a flatten). Each reader's error is divided by its output energy, so scores
+  are relative errors, comparable across layers: the ``global`` allocation ranks channels of all
+  groups on one scale. This is what :mod:`passes.prune.reconstruct` then achieves. Where the
+  calibration data gives too few rows to re-fit a reader (fewer than ``ROWS_PER_WEIGHT`` per
+  column, as for a classifier behind a flatten), its cost is the channel's contribution to the
+  reader's output, ``E[(w_c . x_c)^2]``, without a re-fit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from compiler import ir
+from compiler.errors import PassError
+from passes.prune.groups import ChannelGroup
+
+WEIGHT_NORMS = {
+    "l1": lambda rows: rows.abs().sum(dim=1),
+    "l2": lambda rows: rows.pow(2).sum(dim=1).sqrt(),
+}
+KINDS = (*WEIGHT_NORMS, "reconstruction")
+_RIDGE = 1e-3
+#: The fewest rows (samples x positions) per input column for a least-squares re-fit that generalises.
+ROWS_PER_WEIGHT = 4
+
+
+def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
+           samples: tuple[torch.Tensor, ...] | None, max_rows: int = 65536) -> list[torch.Tensor]:
+    """One score per channel of every group, in group order (higher: keep)."""
+    if kind in WEIGHT_NORMS:
+        return [_norm_score(gm, group, kind) for group in groups]
+    if samples is None:
+        raise PassError("importance 'reconstruction' measures channels on calibration data: pass "
+                        "calibration_data, or choose importance 'l1' or 'l2'")
+    readers = {member.node: member for group in groups for member in group.members if member.role == "in"}
+    grams = _input_grams(gm, samples, set(readers), max_rows)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    result = []
+    for group in groups:
+        total = torch.zeros(group.channels, dtype=torch.float64)
+        for member in group.members:
+            if member.role == "in":
+                total += _removal_cost(gm, nodes[member.node], grams[member.node], group.channels)
+        result.append(total)
+    return result
+
+
+def _norm_score(gm: fx.GraphModule, group: ChannelGroup, kind: str) -> torch.Tensor:
+    nodes = {node.name: node for node in gm.graph.nodes}
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    for member in group.members:
+        if member.role not in ("out", "depthwise"):
+            continue
+        weight = ir.get_attribute(gm, nodes[member.node].args[1].target).detach().double()
+        norms = WEIGHT_NORMS[kind](weight.reshape(weight.shape[0], -1))
+        total += norms / norms.mean().clamp(min=1e-12)
+    return total
+
+
+class _GramRecorder(fx.Interpreter):
+    """Runs the graph, adding each chosen node's input rows (patches for convs) to its Gram matrix."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: set[str], max_rows: int):
+        super().__init__(gm)
+        self.nodes, self.max_rows = nodes, max_rows
+        self.grams: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(0)
+
+    def run_node(self, node: fx.Node) -> object:
+        if node.name in self.nodes:
+            rows = input_rows(node, self.env[node.args[0]], ir.tensor_of(self.module, node.args[1]), self.max_rows)
+            if rows.shape[0] > self.max_rows:
+                rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[: self.max_rows]]
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1).double()
+            self.grams[node.name] = rows.T @ rows
+        return super().run_node(node)
+
+
+def _input_grams(gm, samples, nodes: set[str], max_rows: int) -> dict[str, torch.Tensor]:
+    recorder = _GramRecorder(gm, nodes, max_rows)
+    with torch.no_grad():
+        recorder.run(*samples)
+    return recorder.grams
+
+
+def input_rows(node: fx.Node, source: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+    """The rows a conv (unfolded patches, as its stride, padding and dilation take them) or a linear reads.
+
+    With ``max_rows``, a conv unfolds only as many images as give about twice that many rows (memory).
+    """
+    if ir.op_name(node) == "aten.linear":
+        return source.reshape(-1, source.shape[-1])
+    if max_rows is not None:
+        source = source[: max(1, -(-2 * max_rows // math.prod(source.shape[2:])))]
+    stride, padding, dilation = (conv_pair(node, i, default) for i, default in ((3, 1), (4, 0), (5, 1)))
+    patches = F.unfold(source, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def conv_pair(node: fx.Node, index: int, default: int) -> tuple[int, int]:
+    """Stride, padding or dilation argument ``index`` of an aten conv2d as a pair of ints."""
+    value = node.args[index] if len(node.args) > index else default
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        return (value[0], value[-1])
+    raise PassError(f"conv {node.name!r} in module {ir.module_path(node) or '<root>'!r}: "
+                    f"argument {index} is {value!r}, not numeric")
+
+
+def _removal_cost(gm: fx.GraphModule, node: fx.Node, gram: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per channel: the reader's relative output error after removing it and re-fitting the rest."""
+    weight = ir.get_attribute(gm, node.args[1].target).detach().double()
+    bias_node = node.args[2] if len(node.args) > 2 else None
+    bias = ir.get_attribute(gm, bias_node.target).detach().double() if isinstance(bias_node, fx.Node) else None
+    matrix = weight.reshape(weight.shape[0], -1)  # (out, columns), columns channel-major
+    per = matrix.shape[1] // channels
+    augmented = torch.cat([matrix, (bias if bias is not None else torch.zeros(matrix.shape[0],
+                                                                              dtype=matrix.dtype))[:, None]], 1)
+    energy = torch.einsum("oi,ij,oj->", augmented, gram, augmented).clamp(min=1e-12)
+    index = torch.arange(channels)[:, None] * per + torch.arange(per)[None, :]  # (channels, per) columns
+    w = matrix[:, index]  # (out, channels, per)
+    if gram[-1, -1] < ROWS_PER_WEIGHT * gram.shape[0]:  # too few rows to re-fit: the contribution itself
+        blocks = gram[index[:, :, None], index[:, None, :]]
+        return torch.einsum("ocp,cpq,ocq->c", w, blocks, w) / energy
+    damped = gram + _RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    inverse = torch.linalg.inv(damped)
+    blocks = inverse[index[:, :, None], index[:, None, :]]  # (channels, per, per)
+    costs = torch.einsum("ocp,cpq,ocq->c", w, torch.linalg.inv(blocks), w)
+    return costs / energy

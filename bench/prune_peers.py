@@ -18,7 +18,10 @@ from the calibration/training crops), and on the decisive crops (fp32's top-1 pr
 its top-2 by 0.2). Latency: ONNX Runtime sessions at batch 1 and 16, timed in interleaved blocks
 (``time_side_by_side``), as ratios to ``unpruned`` (``unpruned-int8`` for the int8 rows).
 
-    python -m bench.prune_peers                                # -30% MACs, 180 s recovery
+Torch-Pruning comes with the ``peers`` extra (``pip install -e ".[peers]"``); without it the
+``torch-pruning`` row says so and the rest runs.
+
+    python -m bench.prune_peers --int8                         # -30% MACs, 180 s recovery
     python -m bench.prune_peers --macs 0.5 --seconds 300 --json prune50.json
 """
 

@@ -62,7 +62,7 @@ def compile(  # noqa: A001 - the product's name for it
         progress: called with a step name as each step (capture, every pass, lowering) finishes.
         prune: pruning before quantisation. Structured: ``{"macs": 0.3}`` or ``{"params": 0.3}`` (the
             fraction to remove), with ``"importance"`` (``"reconstruction"``, the data-aware default,
-            or ``"l1"``/``"l2"``), ``"allocation"`` (``"global"``/``"uniform"``), ``"max_prune"``
+            ``"taylor"``, ``"l1"``, ``"l2"``), ``"allocation"`` (``"uniform"``/``"global"``), ``"max_prune"``
             (the most of one group removed, 0.8), ``"protect"`` (fnmatch patterns of layers whose width
             stays), ``"round_to"`` (``"auto"``: the backend's kernel block) and
             ``"reconstruct"`` (``"readers"``, ``"all"`` or False: least-squares re-fit on calibration

@@ -4,6 +4,8 @@
   filters), each member's norms divided by their mean so that no layer dominates by scale. Cheap,
   data-free, and blind to what the channel carries: a channel with small weights and a large
   bias writes a large constant, and cutting it shifts every layer that reads it.
+* ``taylor``: first-order Taylor on calibration data, ``|sum(w * dL/dw)|`` over each channel's
+  rows, with the model's own loss (cross-entropy to its top class; no labels needed).
 * ``reconstruction`` (data-aware): the error each reader's output gains when the channel is removed
   and the reader's remaining weights and bias are re-fitted by least squares on calibration
   activations, the optimal-brain-surgeon quantity ``w_c^T [(G^-1)_cc]^-1 w_c`` with ``G`` the
@@ -33,10 +35,11 @@ WEIGHT_NORMS = {
     "l1": lambda rows: rows.abs().sum(dim=1),
     "l2": lambda rows: rows.pow(2).sum(dim=1).sqrt(),
 }
-KINDS = (*WEIGHT_NORMS, "reconstruction")
+KINDS = (*WEIGHT_NORMS, "taylor", "reconstruction")
 _RIDGE = 1e-3
 #: The fewest rows (samples x positions) per input column for a least-squares re-fit that generalises.
 ROWS_PER_WEIGHT = 4
+_TAYLOR_CHUNK = 16
 
 
 def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
@@ -45,8 +48,10 @@ def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
     if kind in WEIGHT_NORMS:
         return [_norm_score(gm, group, kind) for group in groups]
     if samples is None:
-        raise PassError("importance 'reconstruction' measures channels on calibration data: pass "
+        raise PassError(f"importance {kind!r} measures channels on calibration data: pass "
                         "calibration_data, or choose importance 'l1' or 'l2'")
+    if kind == "taylor":
+        return _taylor_scores(gm, groups, samples)
     readers = {member.node: member for group in groups for member in group.members if member.role == "in"}
     grams = _input_grams(gm, samples, set(readers), max_rows)
     nodes = {node.name: node for node in gm.graph.nodes}
@@ -56,6 +61,47 @@ def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
         for member in group.members:
             if member.role == "in":
                 total += _removal_cost(gm, nodes[member.node], grams[member.node], group.channels)
+        result.append(total)
+    return result
+
+
+def _taylor_scores(gm: fx.GraphModule, groups: list[ChannelGroup], samples) -> list[torch.Tensor]:
+    """First-order Taylor: per channel, |sum of weight x gradient| over the rows that write it.
+
+    The loss is the model's own: cross-entropy against its top class for a classifier (no labels
+    needed), half the squared output otherwise; summed over the calibration samples.
+    """
+    nodes = {node.name: node for node in gm.graph.nodes}
+    writers = {member.node for group in groups for member in group.members if member.role != "in"}
+    names = sorted({nodes[name].args[1].target for name in writers})
+    originals = {name: ir.get_attribute(gm, name) for name in names}
+    try:
+        for name, tensor in originals.items():
+            owner_path, _, attribute = name.rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner._buffers.pop(attribute, None)
+            owner._parameters[attribute] = torch.nn.Parameter(tensor.detach().clone(), requires_grad=True)
+        for start in range(0, samples[0].shape[0], _TAYLOR_CHUNK):  # gradients add up over the chunks
+            output = gm(*(tensor[start:start + _TAYLOR_CHUNK] for tensor in samples))
+            output = output[0] if isinstance(output, (tuple, list)) else output
+            if output.dim() == 2 and output.shape[1] > 1:
+                loss = F.cross_entropy(output, output.argmax(1).detach(), reduction="sum")
+            else:
+                loss = 0.5 * output.pow(2).sum()
+            loss.backward()
+        products = {name: (ir.get_attribute(gm, name) * ir.get_attribute(gm, name).grad).detach()
+                    for name in names}
+    finally:
+        for name, tensor in originals.items():
+            ir.set_attribute(gm, name, tensor)
+    result = []
+    for group in groups:
+        total = torch.zeros(group.channels, dtype=torch.float64)
+        for member in group.members:
+            if member.role != "in":
+                product = products[nodes[member.node].args[1].target].double()
+                rows = product.reshape(product.shape[0], -1).sum(dim=1).abs()
+                total += rows / rows.mean().clamp(min=1e-30)
         result.append(total)
     return result
 

@@ -4,9 +4,11 @@ For every prunable coupled group (:mod:`passes.prune.groups`) the channels are s
 (:mod:`passes.prune.importance`: ``l1``/``l2`` weight norms, or ``reconstruction``, the measured
 error their removal leaves in the layers that read them). The kept channels are chosen by
 
-* ``allocation="global"`` (default): one threshold on score per MAC (or parameter) a channel
-  costs, over all groups, so cheap-to-keep important channels stay wherever they are; or
-* ``allocation="uniform"``: the same share of every group,
+* ``allocation="uniform"`` (default): the same share of every group; or
+* ``allocation="global"``: one threshold on score per MAC (or parameter) a channel costs, over all
+  groups. Measured on EfficientNet-Lite0 at -30% MACs in ONNX Runtime, global ran at 0.78x / 0.82x
+  of the unpruned latency (batch 1 / 16) against uniform's 0.62x / 0.79x: it keeps the
+  high-resolution early layers, where the time goes, and cuts late ones (latency is not MACs),
 
 each group keeping at least ``1 - max_prune`` of its channels, its width rounded up to a multiple
 of ``round_to`` (``"auto"``: the backend's kernel block, 16 for ONNX Runtime on AVX-512, 8 on AVX2;
@@ -49,14 +51,14 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    default_options = {"macs": 0.0, "params": 0.0, "importance": "reconstruction", "allocation": "global",
+    default_options = {"macs": 0.0, "params": 0.0, "importance": "reconstruction", "allocation": "uniform",
                        "max_prune": 0.8, "round_to": "auto", "protect": [], "reconstruct": "readers",
                        "reconstruct_samples": 128}
 
     def __init__(self, **options):
         super().__init__(**options)
         budget = self.options["macs"] or self.options["params"]
-        data_aware = bool(self.options["reconstruct"]) or self.options["importance"] == "reconstruction"
+        data_aware = bool(self.options["reconstruct"]) or self.options["importance"] in ("reconstruction", "taylor")
         self.needs_calibration = bool(budget) and data_aware
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -95,7 +97,7 @@ class PruneChannels(Pass):
         kind = "params" if self.options["params"] else "macs"
         if self.options[kind] == 0 or not groups:
             return PassResult(gm, modified=False, stats={"groups_pruned": 0, "skipped": _counted(skipped)})
-        needs_data = self.options["reconstruct"] or self.options["importance"] == "reconstruction"
+        needs_data = self.options["reconstruct"] or self.options["importance"] in ("reconstruction", "taylor")
         samples = _samples(ctx.calibration_data, self.options["reconstruct_samples"]) if needs_data else None
         scores = importance.scores(gm, groups, self.options["importance"], samples)
         costs = [_channel_cost(gm, group, kind) for group in groups]

@@ -8,7 +8,8 @@ depthwise conv) add an edge; each connected component is one group, listed with 
 * ``out``: a conv or linear writing the channels (rows of its weight, entries of its bias);
 * ``in``: a conv or linear reading them (columns of its weight; ``per_channel`` columns each where
   a flatten folded the spatial positions into the features, as before a classifier);
-* ``depthwise``: a depthwise conv, whose input and output channels are the same channels.
+* ``depthwise``: a depthwise conv, whose input and output channels are the same channels;
+* ``norm``: a BatchNorm left unfolded (its scale, shift and running statistics per channel).
 
 A group can be pruned only if every op on it is understood. Anything else makes the group
 unprunable with a reason that names the op and module path, never a wrong graph: a grouped conv
@@ -49,7 +50,7 @@ class Member:
 
     node: str
     module_path: str
-    role: str  # "out", "in", "depthwise"
+    role: str  # "out", "in", "depthwise", "norm"
     per_channel: int = 1  # weight columns per channel for an "in" member behind a flatten
 
 
@@ -102,6 +103,9 @@ class _Builder:
             self._conv(node)
         elif name == "aten.linear":
             self._linear(node)
+        elif name == "aten.batch_norm":
+            self._follow(node, node.args[0])
+            self._add_member(node, Member(node.name, ir.module_path(node), "norm"))
         elif name in CHANNELWISE:
             self._follow(node, node.args[0])
         elif name in ELEMENTWISE:

@@ -39,6 +39,7 @@ KINDS = (*WEIGHT_NORMS, "taylor", "reconstruction")
 _RIDGE = 1e-3
 #: The fewest rows (samples x positions) per input column for a least-squares re-fit that generalises.
 ROWS_PER_WEIGHT = 4
+_WRITERS = ("out", "depthwise")
 _TAYLOR_CHUNK = 16
 
 
@@ -72,7 +73,7 @@ def _taylor_scores(gm: fx.GraphModule, groups: list[ChannelGroup], samples) -> l
     needed), half the squared output otherwise; summed over the calibration samples.
     """
     nodes = {node.name: node for node in gm.graph.nodes}
-    writers = {member.node for group in groups for member in group.members if member.role != "in"}
+    writers = {member.node for group in groups for member in group.members if member.role in _WRITERS}
     names = sorted({nodes[name].args[1].target for name in writers})
     originals = {name: ir.get_attribute(gm, name) for name in names}
     try:
@@ -98,7 +99,7 @@ def _taylor_scores(gm: fx.GraphModule, groups: list[ChannelGroup], samples) -> l
     for group in groups:
         total = torch.zeros(group.channels, dtype=torch.float64)
         for member in group.members:
-            if member.role != "in":
+            if member.role in _WRITERS:
                 product = products[nodes[member.node].args[1].target].double()
                 rows = product.reshape(product.shape[0], -1).sum(dim=1).abs()
                 total += rows / rows.mean().clamp(min=1e-30)

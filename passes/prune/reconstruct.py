@@ -15,7 +15,8 @@ their unfolded patches (stride, padding and dilation as the conv has them); rows
 subsampled to at most ``max_rows`` with a seeded draw.
 
 BatchNorm still present in the graph (not folded) has its running statistics re-estimated on the
-pruned model's activations wherever its input changed.
+pruned model's activations wherever its input changed and was not itself re-fitted (a re-fitted
+layer already matches the unpruned statistics).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
                     logger.info("fitted %s: relative error %.4f -> %.4f", node.name, *reason)
                     before.append(reason[0])
                     after.append(reason[1])
-            elif ir.op_name(node) in _BATCH_NORM and _changed(node, student_env, reference_env):
+            elif ir.op_name(node) in _BATCH_NORM and node.args[0].name not in fitted and \
+                    _changed(node, student_env, reference_env):
                 _reestimate(student, node, student_env)
                 batch_norms += 1
             student_env[node.name] = _evaluate(student, node, student_env)

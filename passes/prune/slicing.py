@@ -1,6 +1,7 @@
 """Removing channels for real: each member of a group loses the same channels from its tensors.
 
-``out`` members lose weight rows and bias entries; ``in`` members lose weight columns (a block of
+``out`` members lose weight rows and bias entries, ``norm`` members (unfolded BatchNorm) their
+per-channel scale, shift and statistics; ``in`` members lose weight columns (a block of
 ``per_channel`` columns each behind a flatten); ``depthwise`` members lose rows, bias entries and
 as many groups. The tensors are replaced, not masked, so the model, its ONNX file and its MACs
 shrink.
@@ -66,4 +67,10 @@ def _replace(gm: fx.GraphModule, attribute: object, cut) -> None:
     ir.set_attribute(gm, attribute.target, cut(tensor).detach().clone().contiguous())
 
 
-_SLICERS = {"out": _slice_out, "in": _slice_in, "depthwise": _slice_depthwise}
+def _slice_norm(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
+    for argument in node.args[1:5]:  # weight, bias, running_mean, running_var (None when not affine)
+        if argument is not None:
+            _replace(gm, argument, lambda tensor: tensor[keep])
+
+
+_SLICERS = {"out": _slice_out, "in": _slice_in, "depthwise": _slice_depthwise, "norm": _slice_norm}

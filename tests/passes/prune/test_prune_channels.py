@@ -103,6 +103,19 @@ def test_round_to_auto_takes_the_backends_channel_multiple(digits):
     assert all(kept % entry.stats["round_to"] == 0 for _, kept in entry.stats["widths"].values())
 
 
+def test_an_unfolded_batchnorm_is_cut_with_its_channels(digits):
+    # no fold_conv_bn before pruning: bn2's scale, shift and statistics must lose the same channels
+    model = with_dead_channels(digits.model, 16)
+    target = dataclasses.replace(TARGETS["cpu-fp32"], name="bn-kept", pipeline=(
+        PassSpec("prune_channels", {"macs": 0.3, "round_to": 16, "reconstruct": False}),))
+    result = run_pipeline(model, target, digits.example_inputs, calibration_data=[digits.calibration_data(64)])
+    assert result.ledger.entry("prune_channels").stats["widths"] == {"conv2": [32, 16]}
+    assert result.graph_module.get_buffer("bn2.running_mean").shape == (16,)
+    images = digits.eval_data(64)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(images)[0], model(images), rtol=1e-4, atol=1e-4)
+
+
 def test_zero_percent_is_the_identity(digits):
     result = run_pipeline(digits.model, pruning_target(macs=0.0), digits.example_inputs)
     entry = result.ledger.entry("prune_channels")

@@ -61,13 +61,15 @@ def compile(  # noqa: A001 - the product's name for it
             before any pass runs).
         progress: called with a step name as each step (capture, every pass, lowering) finishes.
         prune: pruning before quantisation. Structured: ``{"macs": 0.3}`` or ``{"params": 0.3}`` (the
-            fraction to remove), with ``"importance"`` (``"reconstruction"``, the data-aware default,
+            fraction to remove) or ``{"latency": 0.7}`` (the share of the unpruned model's latency in the
+            target's runtime to reach, measured at ``"latency_batch"``, default the example's batch), with
+            ``"importance"`` (``"reconstruction"``, the data-aware default,
             ``"taylor"``, ``"l1"``, ``"l2"``), ``"allocation"`` (``"uniform"``/``"global"``), ``"max_prune"``
             (the most of one group removed, 0.8), ``"protect"`` (fnmatch patterns of layers whose width
             stays), ``"round_to"`` (``"auto"``: the backend's kernel block) and
             ``"reconstruct"`` (``"readers"``, ``"all"`` or False: least-squares re-fit on calibration
             data). Unstructured: ``{"sparsity": 0.5}`` or ``{"threshold": 1e-3}`` (zeroes weights; no
-            speed-up on ONNX Runtime). ``{"latency": ...}`` is not built yet.
+            speed-up on ONNX Runtime).
         train_data: unlabelled batches for recovery after pruning; default: ``calibration_data``.
         recover_seconds: wall-clock budget of distillation recovery after pruning (0 skips it).
 

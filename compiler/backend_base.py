@@ -73,6 +73,10 @@ class Backend:
         """The multiple of channels this backend's kernels run fastest at (pruning rounds widths to it)."""
         return 1
 
+    def layer_timer(self) -> Any:
+        """A ``compiler.layer_shapes.LayerTimer`` measuring layers on this backend, or None if it cannot."""
+        return None
+
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The quantised IR computed with the runtime's own kernel arithmetic (bit-exact where it can be).
 

@@ -33,6 +33,7 @@ class PassContext:
     teacher: Any = None  # the captured IR before any pass, for passes that distil towards it
     train_data: Any = None  # validated batches for training passes; None: they use calibration_data
     channel_multiple: int = 1  # the width multiple the backend's kernels want (Backend.channel_multiple)
+    layer_timer: Any = None  # compiler.layer_shapes.LayerTimer of the backend, None where it cannot time layers
 
 
 class Pass:

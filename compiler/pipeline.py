@@ -120,7 +120,8 @@ def run_pipeline(
     if calibration_data is not None and not calibrates and choice is None:
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
     context = PassContext(inputs, inputs, None, target.name)
-    context.channel_multiple = make_backend(target).channel_multiple()
+    backend = make_backend(target)
+    context.channel_multiple, context.layer_timer = backend.channel_multiple(), backend.layer_timer()
     if target.quant_policy:
         context.quant_policy = _quant_policy(target, ledger)
     if calibrates:

@@ -13,10 +13,10 @@ from typing import Any
 from compiler.errors import TargetError
 from compiler.targets import PassSpec, Target
 
-_BUDGETS = ("macs", "params")
+_BUDGETS = ("macs", "params", "latency")
 _UNSTRUCTURED = ("sparsity", "threshold")
-_NOT_YET = ("latency",)
-_OPTIONS = ("importance", "protect", "round_to", "reconstruct", "reconstruct_samples", "allocation", "max_prune")
+_OPTIONS = ("latency_batch", "importance", "protect", "round_to", "reconstruct", "reconstruct_samples", "allocation",
+            "max_prune")
 _UNSTRUCTURED_OPTIONS = ("scope", "protect")
 _QUANTISATION_PASSES = ("calibrate", "gptq", "quant_sensitivity", "bias_correction", "insert_qdq")
 
@@ -27,16 +27,15 @@ def pruning_passes(prune: Mapping[str, Any] | None, recover_seconds: float) -> t
         return ()
     if not isinstance(prune, Mapping):
         raise TargetError(f"prune must be a dict such as {{'macs': 0.3}}, got {type(prune).__name__}")
-    known = _BUDGETS + _UNSTRUCTURED + _NOT_YET + _OPTIONS + _UNSTRUCTURED_OPTIONS
+    known = _BUDGETS + _UNSTRUCTURED + _OPTIONS + _UNSTRUCTURED_OPTIONS
     unknown = sorted(set(prune) - set(known))
     if unknown:
         raise TargetError(f"prune has no key(s) {', '.join(unknown)}; keys: {', '.join(known)}")
-    if waiting := [key for key in _NOT_YET if key in prune]:
-        raise TargetError(f"prune={{{waiting[0]!r}: ...}} is not built yet; give a MAC budget, e.g. {{'macs': 0.3}}")
     budgets = [key for key in _BUDGETS + _UNSTRUCTURED if key in prune]
     if len(budgets) != 1:
         raise TargetError("prune needs one budget: {'macs': fraction of MACs to remove}, {'params': fraction of "
-                          "parameters to remove}, or unstructured {'sparsity': fraction of weights zeroed} / "
+                          "parameters to remove}, {'latency': share of the unpruned latency to reach, e.g. 0.7}, or "
+                          "unstructured {'sparsity': fraction of weights zeroed} / "
                           f"{{'threshold': magnitude}}; got {budgets or 'none'}")
     if isinstance(recover_seconds, bool) or not isinstance(recover_seconds, (int, float)) or recover_seconds < 0:
         raise TargetError(f"recover_seconds must be a number >= 0, got {recover_seconds!r}")

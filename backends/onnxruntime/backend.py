@@ -68,13 +68,19 @@ def _to_numpy(spec, value: object) -> np.ndarray:
 DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
-def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0) -> ort.InferenceSession:
-    """A CPU session at graph optimisation ``level`` (disable, basic, extended, all)."""
+def session_options(level: str = "all", threads: int = 0) -> ort.SessionOptions:
+    """ONNX Runtime session options at graph optimisation ``level`` with ``threads`` intra-op threads."""
     if level not in _LEVELS:
         raise TargetError(f"unknown graph_optimization_level {level!r}; choose from {', '.join(_LEVELS)}")
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[level]
     options.intra_op_num_threads = threads
+    return options
+
+
+def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0) -> ort.InferenceSession:
+    """A CPU session at graph optimisation ``level`` (disable, basic, extended, all)."""
+    options = session_options(level, threads)
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
@@ -139,6 +145,12 @@ class OnnxRuntimeBackend(Backend):
     def channel_multiple(self) -> int:
         """16 on AVX-512 (MLAS's NCHWc convolutions and int8 GEMMs block by 16), 8 otherwise (AVX2)."""
         return channel_multiple(detect_isa())
+
+    def layer_timer(self) -> Any:
+        """Times conv and linear shapes in ONNX Runtime, once per machine (``layer_latency.LayerTimer``)."""
+        from backends.onnxruntime.layer_latency import LayerTimer  # it imports this module
+
+        return LayerTimer(self.options["intra_op_num_threads"])
 
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The IR with every group ONNX Runtime fuses computed by that kernel's arithmetic (bit-exact on x86-64)."""

@@ -61,6 +61,7 @@ class ChannelGroup:
     channels: int
     members: list[Member] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    unit: int = 1  # features per channel: 1 for conv channels and neurons, head_dim for attention heads
 
     @property
     def prunable(self) -> bool:
@@ -69,7 +70,8 @@ class ChannelGroup:
 
     def to_dict(self) -> dict:
         """JSON-able form for the ledger."""
-        return {"channels": self.channels, "prunable": self.prunable, "refusals": list(self.refusals),
+        return {"channels": self.channels, **({"unit": self.unit} if self.unit != 1 else {}),
+                "prunable": self.prunable, "refusals": list(self.refusals),
                 "members": [{"module_path": m.module_path or "<root>", "role": m.role, "node": m.node,
                              **({"per_channel": m.per_channel} if m.per_channel != 1 else {})}
                             for m in self.members]}

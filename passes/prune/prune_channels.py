@@ -19,6 +19,14 @@ layer is never cut); the first conv is not protected by default: measured on Eff
 -30% MACs after 180 s of recovery, protecting it left 55.6% agreement against 66.0% unprotected,
 as the budget then falls on costlier layers.
 
+With a ``latency`` budget (the share of the unpruned latency to reach, e.g. 0.7) a channel costs
+the seconds it takes in the backend's kernels instead of MACs: every conv and linear is timed alone
+at its shape and at ``round_to`` fewer channels (``compiler.layer_shapes``; ONNX Runtime keeps the
+table on disk, one per CPU, so each shape is measured once per machine), the share is bisected on
+the table's predicted latency, and the pruned copy is then exported and timed side by side with the
+unpruned model at ``latency_batch``; when it misses, the aim is lowered by the miss (at most four
+tries). The ledger keeps each try's predicted and measured ratio.
+
 With ``reconstruct`` (default), every layer that read pruned channels is then re-fitted by least
 squares on calibration activations (:mod:`passes.prune.reconstruct`). Pruning changes the outputs
 (``exact = False``); recovery (distillation) is a separate pass. Groups left alone are listed
@@ -28,7 +36,9 @@ with the reason: refused by the group analysis, tied weights, protected, or too 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
+import logging
 import math
 
 import torch
@@ -36,14 +46,19 @@ import torch.fx as fx
 
 from compiler import ir, meta, probe
 from compiler.errors import PassError
+from compiler.layer_shapes import LayerShape, layer_shapes, predicted_seconds
 from compiler.pass_base import Pass, PassContext, PassResult
 from passes.prune import importance
-from passes.prune.groups import ChannelGroup, channel_groups
+from passes.prune.groups import ChannelGroup, Member, channel_groups
 from passes.prune.reconstruct import reconstruct
 from passes.prune.slicing import keep_channels, shared_weights
 
+logger = logging.getLogger(__name__)
+
 _BISECTION_STEPS = 12
 _UNITS = {"macs": "MACs", "params": "parameters"}
+_BUDGETS = ("macs", "params", "latency")
+_LATENCY_ATTEMPTS = 4
 
 
 class PruneChannels(Pass):
@@ -51,13 +66,14 @@ class PruneChannels(Pass):
 
     name = "prune_channels"
     exact = False
-    default_options = {"macs": 0.0, "params": 0.0, "importance": "reconstruction", "allocation": "uniform",
+    default_options = {"macs": 0.0, "params": 0.0, "latency": 0.0, "latency_batch": 0,
+                       "importance": "reconstruction", "allocation": "uniform",
                        "max_prune": 0.8, "round_to": "auto", "protect": [], "reconstruct": "readers",
                        "reconstruct_samples": 128}
 
     def __init__(self, **options):
         super().__init__(**options)
-        budget = self.options["macs"] or self.options["params"]
+        budget = self.options["macs"] or self.options["params"] or self.options["latency"]
         data_aware = bool(self.options["reconstruct"]) or self.options["importance"] in ("reconstruction", "taylor")
         self.needs_calibration = bool(budget) and data_aware
 
@@ -69,8 +85,18 @@ class PruneChannels(Pass):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise PassError(f"pass {self.name!r}: {key} is the fraction of {_UNITS[key]} to remove, in [0, 1); "
                                 f"got {value!r}")
-        if self.options["macs"] and self.options["params"]:
-            raise PassError(f"pass {self.name!r}: give one budget, macs or params, not both")
+        latency, batch = self.options["latency"], self.options["latency_batch"]
+        if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not 0 <= latency < 1:
+            raise PassError(f"pass {self.name!r}: latency is the share of the unpruned model's measured latency to "
+                            f"reach, in (0, 1) (0.7: run in 0.7x the time); got {latency!r}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+            raise PassError(f"pass {self.name!r}: latency_batch is the batch size latency is measured at (0: the "
+                            f"example's), got {batch!r}")
+        if sum(bool(self.options[key]) for key in _BUDGETS) > 1:
+            raise PassError(f"pass {self.name!r}: give one budget, macs, params or latency, not several")
+        if latency and ctx.layer_timer is None:
+            raise PassError(f"pass {self.name!r}: target {ctx.target_name!r}'s backend cannot time layers, so it "
+                            "cannot prune to a latency; give a MAC budget, e.g. macs=0.3")
         if self.options["importance"] not in importance.KINDS:
             raise PassError(f"pass {self.name!r}: importance {self.options['importance']!r} is not one of "
                             f"{', '.join(importance.KINDS)}")
@@ -93,24 +119,62 @@ class PruneChannels(Pass):
         """Score channels, bisect the share kept on copies, cut ``gm`` itself, then re-fit its readers."""
         probe.run_annotated(gm, ctx.probe_inputs)
         self.round_to = ctx.channel_multiple if self.options["round_to"] == "auto" else self.options["round_to"]
+        self.timer, self.batch = ctx.layer_timer, self.options["latency_batch"] or int(ctx.probe_inputs[0].shape[0])
         groups, skipped = self._candidates(gm)
-        kind = "params" if self.options["params"] else "macs"
+        kind = next((key for key in _BUDGETS if self.options[key]), "macs")
         if self.options[kind] == 0 or not groups:
             return PassResult(gm, modified=False, stats={"groups_pruned": 0, "skipped": _counted(skipped)})
         needs_data = self.options["reconstruct"] or self.options["importance"] in ("reconstruction", "taylor")
         samples = _samples(ctx.calibration_data, self.options["reconstruct_samples"]) if needs_data else None
         scores = importance.scores(gm, groups, self.options["importance"], samples)
-        costs = [_channel_cost(gm, group, kind) for group in groups]
-        budget = (1 - self.options[kind]) * _measure(gm, kind)
-        share = self._share(gm, groups, scores, costs, ctx.probe_inputs, budget, kind)
+        costs = [self._channel_cost(gm, group, kind) for group in groups]
+        stats: dict = {"budget": {kind: self.options[kind]}}
+        if kind == "latency":
+            share = self._latency_share(gm, groups, scores, costs, ctx.probe_inputs, stats)
+        else:
+            budget = (1 - self.options[kind]) * self._measure(gm, kind)
+            share = self._share(gm, groups, scores, costs, ctx.probe_inputs, budget, kind)
         reference = copy.deepcopy(gm) if self.options["reconstruct"] else None
         rows: dict[str, torch.Tensor] = {}
         widths = self._apply(gm, groups, scores, costs, share, rows)  # the pass manager re-annotates afterwards
-        stats = {"budget": {kind: self.options[kind]}, "groups_pruned": len(widths), "kept_share": round(share, 4),
-                 "round_to": self.round_to, "widths": widths, "skipped": _counted(skipped)}
+        stats.update({"groups_pruned": len(widths), "kept_share": round(share, 4), "round_to": self.round_to,
+                      "widths": widths, "skipped": _counted(skipped)})
         if reference is not None and widths:
             stats["reconstruction"] = reconstruct(gm, reference, samples, self._fitted(gm, groups, rows), rows)
         return PassResult(gm, modified=bool(widths), stats=stats)
+
+    def _latency_share(self, gm, groups, scores, costs, inputs, stats: dict) -> float:
+        """The share whose pruned copy *measures* at the latency asked, aiming the layer table lower if needed.
+
+        The table (each conv and linear timed alone) predicts the pruned latency; the pruned copy is
+        then exported and timed side by side with the unpruned model at ``latency_batch``. When it
+        misses, the prediction's aim is lowered by the miss and the share bisected again.
+        """
+        wanted, full = self.options["latency"], self._measure(gm, "latency")
+        batched = _batched(inputs, self.batch)
+        aim, attempts, share = wanted, [], 0.0
+        for _ in range(_LATENCY_ATTEMPTS):
+            share = self._share(gm, groups, scores, costs, inputs, aim * full, "latency")
+            trial = copy.deepcopy(gm)
+            self._apply(trial, groups, scores, costs, share)
+            probe.run_annotated(trial, inputs)
+            seconds = self.timer.compare({"unpruned": gm, "pruned": trial}, batched)
+            measured = seconds["pruned"] / seconds["unpruned"]
+            attempts.append({"aim": round(aim, 4), "kept_share": round(share, 4),
+                             "predicted": round(self._measure(trial, "latency") / full, 4),
+                             "measured": round(measured, 4)})
+            if measured <= wanted or share == 0:  # met, or every group is at its floor already
+                break
+            aim *= wanted / measured
+        self.timer.save()
+        met = attempts[-1]["measured"] <= wanted
+        stats["latency"] = {"batch": self.batch, "table_seconds_unpruned": round(full, 6), "attempts": attempts,
+                            "met": met}
+        if not met:
+            logger.warning("prune_channels: latency %.2fx of the unpruned model asked, %.2fx measured at batch %d "
+                           "(max_prune %.2f and round_to %d bound the cut)", wanted, attempts[-1]["measured"],
+                           self.batch, self.options["max_prune"], self.round_to)
+        return share
 
     def _fitted(self, gm: fx.GraphModule, groups: list[ChannelGroup], rows: dict) -> set[str]:
         """Layers to re-fit: the readers of pruned channels, or every conv and linear from the first cut on."""
@@ -143,9 +207,36 @@ class PruneChannels(Pass):
         paths = [member.module_path for member in group.members if member.role != "in"]  # whose width it is
         if any(fnmatch.fnmatchcase(path, pattern) for path in paths for pattern in patterns):
             return "protected"
-        if group.channels <= self.round_to:
+        if group.channels <= self._round(group):
             return f"{group.channels} channels, not above round_to {self.round_to}"
         return None
+
+    def _measure(self, gm: fx.GraphModule, kind: str) -> float:
+        """Total MACs (annotated by the last probe run), parameters, or table-predicted seconds of ``gm``."""
+        if kind == "latency":
+            return predicted_seconds(gm, self.timer, self.batch)
+        return probe.total_macs(gm) if kind == "macs" else ir.parameter_count(gm)
+
+    def _channel_cost(self, gm: fx.GraphModule, group: ChannelGroup, kind: str) -> float:
+        """MACs (annotated), parameters or table seconds one channel of ``group`` costs, over all its members."""
+        nodes = {node.name: node for node in gm.graph.nodes}
+        if kind == "macs":
+            total = sum(nodes[m.node].meta.get(meta.MACS, 0) for m in group.members)
+        elif kind == "params":
+            total = sum(ir.node_parameter_count(gm, nodes[m.node]) for m in group.members)
+        else:
+            return max(1e-9, self._seconds_saved(gm, group) / (self._round(group)))
+        return max(1.0, total / group.channels)
+
+    def _seconds_saved(self, gm: fx.GraphModule, group: ChannelGroup) -> float:
+        """Table seconds saved by cutting ``round_to`` channels (in the group's units) from every member."""
+        shapes, step = layer_shapes(gm, self.batch), self._round(group)
+        saved = 0.0
+        for member in group.members:
+            shape = shapes.get(member.node)
+            if shape is not None and member.role != "norm":
+                saved += self.timer.seconds(shape) - self.timer.seconds(narrower(shape, member, step * group.unit))
+        return saved
 
     def _share(self, gm, groups, scores, costs, inputs, budget: float, kind: str) -> float:
         """The largest share of channels kept whose pruned copy meets the budget (bisection)."""
@@ -154,9 +245,9 @@ class PruneChannels(Pass):
             middle = (low + high) / 2
             trial = copy.deepcopy(gm)
             self._apply(trial, groups, scores, costs, middle)
-            if kind == "macs":
+            if kind != "params":
                 probe.run_annotated(trial, inputs)
-            low, high = (middle, high) if _measure(trial, kind) <= budget else (low, middle)
+            low, high = (middle, high) if self._measure(trial, kind) <= budget else (low, middle)
         return low
 
     def _kept(self, groups, scores, costs, share: float) -> list[int]:
@@ -168,8 +259,12 @@ class PruneChannels(Pass):
             threshold = torch.quantile(torch.cat(per_cost).float(), 1 - share) if share > 0 else math.inf
             wanted = [int((score >= threshold).sum()) for score in per_cost]
         floor = 1 - self.options["max_prune"]
-        return [_rounded(group.channels, max(count, math.ceil(floor * group.channels)), self.round_to)
+        return [_rounded(group.channels, max(count, math.ceil(floor * group.channels)), self._round(group))
                 for group, count in zip(groups, wanted, strict=True)]
+
+    def _round(self, group: ChannelGroup) -> int:
+        """``round_to`` in the group's channels: features of width ``unit`` (an attention head) count ``unit``."""
+        return max(1, math.ceil(self.round_to / group.unit))
 
     def _apply(self, gm, groups, scores, costs, share: float, rows: dict | None = None) -> dict[str, list[int]]:
         """Cut every group to its kept count at ``share``; ``rows`` collects each writer's kept rows."""
@@ -186,19 +281,19 @@ class PruneChannels(Pass):
         return widths
 
 
-def _measure(gm: fx.GraphModule, kind: str) -> float:
-    """Total MACs (annotated by the last probe run) or parameters of ``gm``."""
-    return probe.total_macs(gm) if kind == "macs" else ir.parameter_count(gm)
+def narrower(shape: LayerShape, member: Member, channels: int) -> LayerShape:
+    """``shape`` with ``channels`` fewer of the group's channels where ``member`` holds them."""
+    if member.role == "out":
+        return dataclasses.replace(shape, out_channels=shape.out_channels - channels)
+    if member.role == "in":
+        return dataclasses.replace(shape, in_channels=shape.in_channels - channels * member.per_channel)
+    return dataclasses.replace(shape, in_channels=shape.in_channels - channels,
+                               out_channels=shape.out_channels - channels, groups=shape.groups - channels)
 
 
-def _channel_cost(gm: fx.GraphModule, group: ChannelGroup, kind: str) -> float:
-    """MACs (annotated) or parameters one channel of ``group`` costs, over all its members."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    if kind == "macs":
-        total = sum(nodes[m.node].meta.get(meta.MACS, 0) for m in group.members)
-    else:
-        total = sum(ir.node_parameter_count(gm, nodes[m.node]) for m in group.members)
-    return max(1.0, total / group.channels)
+def _batched(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """``inputs`` repeated along dimension 0 to ``batch`` rows."""
+    return tuple(torch.cat([value] * math.ceil(batch / value.shape[0]))[:batch] for value in inputs)
 
 
 def _samples(data, count: int) -> tuple[torch.Tensor, ...]:

@@ -119,6 +119,7 @@ class PruneChannels(Pass):
         """Score channels, bisect the share kept on copies, cut ``gm`` itself, then re-fit its readers."""
         probe.run_annotated(gm, ctx.probe_inputs)
         self.round_to = ctx.channel_multiple if self.options["round_to"] == "auto" else self.options["round_to"]
+        self.inputs = ctx.probe_inputs
         self.timer, self.batch = ctx.layer_timer, self.options["latency_batch"] or int(ctx.probe_inputs[0].shape[0])
         groups, skipped = self._candidates(gm)
         kind = next((key for key in _BUDGETS if self.options[key]), "macs")
@@ -131,12 +132,16 @@ class PruneChannels(Pass):
         stats: dict = {"budget": {kind: self.options[kind]}}
         if kind == "latency":
             share = self._latency_share(gm, groups, scores, costs, ctx.probe_inputs, stats)
+            kept = self._kept(groups, scores, costs, share)
         else:
-            budget = (1 - self.options[kind]) * self._measure(gm, kind)
+            full = self._measure(gm, kind)
+            budget = (1 - self.options[kind]) * full
             share = self._share(gm, groups, scores, costs, ctx.probe_inputs, budget, kind)
+            kept = self._give_back(gm, groups, scores, self._kept(groups, scores, costs, share), budget, kind)
+            self._check_budget(gm, groups, scores, kept, ctx, kind, full, stats)
         reference = copy.deepcopy(gm) if self.options["reconstruct"] else None
         rows: dict[str, torch.Tensor] = {}
-        widths = self._apply(gm, groups, scores, costs, share, rows)  # the pass manager re-annotates afterwards
+        widths = self._apply(gm, groups, scores, kept, rows)  # the pass manager re-annotates afterwards
         stats.update({"groups_pruned": len(widths), "kept_share": round(share, 4), "round_to": self.round_to,
                       "widths": widths, "skipped": _counted(skipped)})
         if reference is not None and widths:
@@ -156,7 +161,7 @@ class PruneChannels(Pass):
         for _ in range(_LATENCY_ATTEMPTS):
             share = self._share(gm, groups, scores, costs, inputs, aim * full, "latency")
             trial = copy.deepcopy(gm)
-            self._apply(trial, groups, scores, costs, share)
+            self._apply(trial, groups, scores, self._kept(groups, scores, costs, share))
             probe.run_annotated(trial, inputs)
             seconds = self.timer.compare({"unpruned": gm, "pruned": trial}, batched)
             measured = seconds["pruned"] / seconds["unpruned"]
@@ -244,7 +249,7 @@ class PruneChannels(Pass):
         for _ in range(_BISECTION_STEPS):
             middle = (low + high) / 2
             trial = copy.deepcopy(gm)
-            self._apply(trial, groups, scores, costs, middle)
+            self._apply(trial, groups, scores, self._kept(groups, scores, costs, middle))
             if kind != "params":
                 probe.run_annotated(trial, inputs)
             low, high = (middle, high) if self._measure(trial, kind) <= budget else (low, middle)
@@ -266,19 +271,85 @@ class PruneChannels(Pass):
         """``round_to`` in the group's channels: features of width ``unit`` (an attention head) count ``unit``."""
         return max(1, math.ceil(self.round_to / group.unit))
 
-    def _apply(self, gm, groups, scores, costs, share: float, rows: dict | None = None) -> dict[str, list[int]]:
-        """Cut every group to its kept count at ``share``; ``rows`` collects each writer's kept rows."""
+    def _give_back(self, gm, groups, scores, kept: list[int], budget: float, kind: str) -> list[int]:
+        """Channels handed back, ``round_to`` at a time, to the groups that gain most per MAC, within budget.
+
+        One share for all groups overshoots the budget where widths round coarsely (ResNet-18 lost
+        42% of its MACs for 30% asked); the estimate scales each layer's cost by the kept shares of
+        the groups it reads and writes, exact for convs and linears.
+        """
+        estimate = _WidthCost(gm, groups, kind)
+        slack = budget - self._measure_kept(gm, groups, scores, kept, kind)
+        kept = list(kept)
+        while True:
+            best = None
+            for index, group in enumerate(groups):
+                more = min(group.channels, kept[index] + self._round(group))
+                if more == kept[index]:
+                    continue
+                trial = [*kept[:index], more, *kept[index + 1:]]
+                added = estimate(trial) - estimate(kept)
+                if added > slack:
+                    continue
+                gain = float(scores[index].sort(descending=True).values[kept[index]:more].sum())
+                if best is None or gain / max(added, 1e-12) > best[0]:
+                    best = (gain / max(added, 1e-12), index, more, added)
+            if best is None:
+                return kept
+            kept[best[1]], slack = best[2], slack - best[3]
+
+    def _check_budget(self, gm, groups, scores, kept, ctx: PassContext, kind: str, full: float, stats: dict) -> None:
+        """Record the share really removed; a budget the floors and rounding cannot reach is a fallback."""
+        removed = 1 - self._measure_kept(gm, groups, scores, kept, kind) / full
+        stats["removed"] = round(removed, 4)
+        if removed < self.options[kind] - 1e-6:
+            message = (f"prune_channels: {removed:.1%} of the {_UNITS[kind]} removed, {self.options[kind]:.0%} asked: "
+                       f"groups at max_prune {self.options['max_prune']} or too narrow for round_to {self.round_to} "
+                       "(see skipped); a smaller round_to or a larger max_prune reaches further")
+            logger.warning(message)
+            ctx.fallbacks.append(message)
+
+    def _measure_kept(self, gm, groups, scores, kept: list[int], kind: str) -> float:
+        """MACs or parameters of a copy of ``gm`` cut to ``kept``."""
+        trial = copy.deepcopy(gm)
+        self._apply(trial, groups, scores, kept)
+        if kind != "params":
+            probe.run_annotated(trial, self.inputs)
+        return self._measure(trial, kind)
+
+    def _apply(self, gm, groups, scores, kept: list[int], rows: dict | None = None) -> dict[str, list[int]]:
+        """Cut every group to its ``kept`` count; ``rows`` collects each writer's kept rows."""
         widths = {}
-        for index, (group, kept) in enumerate(zip(groups, self._kept(groups, scores, costs, share), strict=True)):
-            if kept >= group.channels:
+        for index, (group, count) in enumerate(zip(groups, kept, strict=True)):
+            if count >= group.channels:
                 continue
-            keep = torch.sort(torch.topk(scores[index], kept).indices).values
+            keep = torch.sort(torch.topk(scores[index], count).indices).values
             keep_channels(gm, group, keep)
             if rows is not None:
                 rows.update({m.node: keep for m in group.members if m.role != "in"})
-            widths[group.members[0].module_path or "<root>"] = [group.channels, kept]
+            widths[group.members[0].module_path or "<root>"] = [group.channels, count]
         gm.recompile()
         return widths
+
+
+class _WidthCost:
+    """MACs or parameters of the grouped layers at given kept widths, from the unpruned layers' costs."""
+
+    def __init__(self, gm: fx.GraphModule, groups: list[ChannelGroup], kind: str):
+        nodes = {node.name: node for node in gm.graph.nodes}
+        self.channels = [group.channels for group in groups]
+        self.layers: dict[str, tuple[float, set[int]]] = {}
+        for index, group in enumerate(groups):
+            for member in group.members:
+                node = nodes[member.node]
+                cost = node.meta.get(meta.MACS, 0) if kind == "macs" else ir.node_parameter_count(gm, node)
+                _, indices = self.layers.setdefault(member.node, (float(cost), set()))
+                indices.add(index)
+
+    def __call__(self, kept: list[int]) -> float:
+        """Total cost of the grouped layers with ``kept`` channels per group."""
+        return sum(cost * math.prod(kept[i] / self.channels[i] for i in indices)
+                   for cost, indices in self.layers.values())
 
 
 def narrower(shape: LayerShape, member: Member, channels: int) -> LayerShape:

@@ -11,6 +11,9 @@ For an ImageNet classifier of the zoo (EfficientNet-Lite0 by default):
   the classifier ignored, the ratio bisected until its MAC count meets the same budget; then the
   *same* distillation (``passes.recovery.recover.distil``: KL at temperature 2, Adam, cosine, batch
   16, same seed and seconds) on the eager pruned model; then compiled to ``cpu-fp32`` the same way.
+- with ``--latency R``: ``fxpress-latency``, ``prune={"latency": R, "latency_batch": 16}`` (a
+  per-layer latency table, global allocation, the pruned copy timed against the unpruned one) with
+  the same recovery;
 - with ``--int8``: the unpruned and the fxpress-pruned model compiled to ``cpu-int8``.
 
 Quality: top-1 agreement with the eager unpruned model on the zoo's evaluation crops (disjoint
@@ -23,6 +26,7 @@ Torch-Pruning comes with the ``peers`` extra (``pip install -e ".[peers]"``); wi
 
     python -m bench.prune_peers --int8                         # -30% MACs, 180 s recovery
     python -m bench.prune_peers --macs 0.5 --seconds 300 --json prune50.json
+    python -m bench.prune_peers --latency 0.7 --no-torch-pruning    # latency-driven against MAC-driven
 """
 
 from __future__ import annotations
@@ -147,6 +151,17 @@ def run(args: argparse.Namespace) -> dict:
     record["fxpress_ledger"] = {"prune_channels": {k: v for k, v in entry.stats.items() if k != "widths"},
                                 "widths": entry.stats["widths"], "recover": fx_model.report.entry("recover").stats}
 
+    if args.latency:
+        began = time.perf_counter()
+        lat_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, calibration_data=[(train,)],
+                            prune={"latency": args.latency, "latency_batch": 16}, recover_seconds=args.seconds)
+        compiled["fxpress-latency"] = lat_model
+        entry = lat_model.report.entry("prune_channels")
+        rows["fxpress-latency"] = {**agreement(batched(lat_model, images), reference, decisive),
+                                   "macs_removed": round(1 - entry.macs_after / entry.macs_before, 4),
+                                   "compile_s": round(time.perf_counter() - began, 1)}
+        record["fxpress_latency_ledger"] = {"latency": entry.stats["latency"], "widths": entry.stats["widths"]}
+
     if not args.no_torch_pruning:
         try:
             tp_model, tp_info = torch_pruning_model(copy.deepcopy(zoo.model), zoo.example_inputs[0], args.macs)
@@ -199,6 +214,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=256)
     parser.add_argument("--eval", type=int, default=500)
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="also fxpress with prune={'latency': R, 'latency_batch': 16} (e.g. 0.7)")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
     parser.add_argument("--no-torch-pruning", action="store_true")
     parser.add_argument("--json")

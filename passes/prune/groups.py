@@ -16,18 +16,24 @@ unprunable with a reason that names the op and module path, never a wrong graph:
 that is not depthwise, a concat (its offsets are not handled yet), a graph input or output (the
 model's interface keeps its width), a group with no ``out`` member, an op this module does not
 know. Channels are dimension 1 of 4-D tensors and the last dimension of Linear inputs and outputs.
+
+Multi-head attention gives a group of a second kind, whose channels are whole heads
+(:mod:`passes.prune.attention_heads`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import networkx as nx
-import torch
 import torch.fx as fx
 
-from compiler import ir, meta
+from compiler import ir
+from passes.prune.attention_heads import Attention, attention_blocks
+from passes.prune.members import SHAPE_READERS, ChannelGroup, Member
+from passes.prune.members import node_shape as _shape
+
+__all__ = ["CHANNELWISE", "ELEMENTWISE", "FLATTENS", "SHAPE_READERS", "ChannelGroup", "Member", "channel_groups"]
 
 #: Ops whose output has the channels of their first input, one for one.
 CHANNELWISE = frozenset({
@@ -40,41 +46,6 @@ CHANNELWISE = frozenset({
 ELEMENTWISE = frozenset({"aten.add", "aten.add_", "aten.mul", "aten.mul_", "aten.sub"})
 #: Reshapes that fold the spatial positions of an N,C,H,W tensor into the features, channel-major.
 FLATTENS = frozenset({"aten.flatten", "aten.view", "aten.reshape"})
-#: Ops that read only a tensor's shape, never its channels.
-SHAPE_READERS = frozenset({"aten.sym_size", "aten.size"})
-
-
-@dataclass(frozen=True)
-class Member:
-    """One place a group's channels live: ``role`` of the op at ``module_path`` (node ``node``)."""
-
-    node: str
-    module_path: str
-    role: str  # "out", "in", "depthwise", "norm"
-    per_channel: int = 1  # weight columns per channel for an "in" member behind a flatten
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that go together, their members, and whether (and why not) they can be pruned."""
-
-    channels: int
-    members: list[Member] = field(default_factory=list)
-    refusals: list[str] = field(default_factory=list)
-    unit: int = 1  # features per channel: 1 for conv channels and neurons, head_dim for attention heads
-
-    @property
-    def prunable(self) -> bool:
-        """True when every op on the group is understood and something writes the channels."""
-        return not self.refusals
-
-    def to_dict(self) -> dict:
-        """JSON-able form for the ledger."""
-        return {"channels": self.channels, **({"unit": self.unit} if self.unit != 1 else {}),
-                "prunable": self.prunable, "refusals": list(self.refusals),
-                "members": [{"module_path": m.module_path or "<root>", "role": m.role, "node": m.node,
-                             **({"per_channel": m.per_channel} if m.per_channel != 1 else {})}
-                            for m in self.members]}
 
 
 class _Builder:
@@ -87,6 +58,11 @@ class _Builder:
         self.factor: dict[fx.Node, int] = {}  # flattened tensors: features per channel
         self.members: dict[fx.Node, list[Member]] = {}
         self.refusals: dict[fx.Node, list[str]] = {}
+        blocks, self.attention_refusals = attention_blocks(gm)
+        self.inner = {node for block in blocks for node in block.inner}
+        self.anchors = {block.anchor: block for block in blocks}
+        self.head_dims = {writer: block.head_dim for block in blocks for writer in block.writers}
+        self.heads: dict[fx.Node, tuple[int, int]] = {}  # space -> (heads, head_dim)
 
     def build(self) -> list[ChannelGroup]:
         for node in self.gm.graph.nodes:
@@ -101,7 +77,10 @@ class _Builder:
 
     def _visit(self, node: fx.Node) -> None:
         name = ir.op_name(node)
-        if name == "aten.conv2d":
+        if node in self.inner:  # inside a recognised attention: its heads join at the merged tensor
+            if node in self.anchors:
+                self._join_heads(self.anchors[node])
+        elif name == "aten.conv2d":
             self._conv(node)
         elif name == "aten.linear":
             self._linear(node)
@@ -139,7 +118,18 @@ class _Builder:
     def _linear(self, node: fx.Node) -> None:
         source, path = node.args[0], ir.module_path(node)
         self._add_member(source, Member(node.name, path, "in", self.factor.get(source, 1)))
-        self._new_space(node, Member(node.name, path, "out"))
+        self._new_space(node, Member(node.name, path, "out", self.head_dims.get(node, 1)))
+        for reason in self.attention_refusals.get(node, ()):
+            self._refuse(node, reason)
+
+    def _join_heads(self, block: Attention) -> None:
+        """Q, K and V become one group of heads, which the merged tensor carries to the output projection."""
+        space = self.space[block.writers[0]]
+        for writer in block.writers[1:]:
+            self.graph.add_edge(space, self.space[writer])
+        self.space[block.anchor], self.factor[block.anchor] = space, block.head_dim
+        self.heads[space] = (block.heads, block.head_dim)
+        self.members.setdefault(space, []).extend(block.members)
 
     def _elementwise(self, node: fx.Node) -> None:
         tensors = [value for value in node.args[:2] if isinstance(value, fx.Node) and value in self.space]
@@ -197,7 +187,9 @@ class _Builder:
                 refusals.append("no conv or linear writes these channels")
             if not members:
                 continue
-            groups.append(ChannelGroup(_channels(ordered[0]) or 0, members, sorted(set(refusals))))
+            heads = [self.heads[space] for space in ordered if space in self.heads]
+            channels, unit = heads[0] if heads else (_channels(ordered[0]) or 0, 1)
+            groups.append(ChannelGroup(channels, members, sorted(set(refusals)), unit))
         return groups
 
 
@@ -209,15 +201,6 @@ def channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
 def _position(gm: fx.GraphModule):
     order = {node: index for index, node in enumerate(gm.graph.nodes)}
     return lambda node: order[node]
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    if not isinstance(node, fx.Node):
-        return None
-    shape = node.meta.get(meta.SHAPE)
-    if shape is None and isinstance(node.meta.get(meta.VAL), torch.Tensor):
-        shape = tuple(node.meta[meta.VAL].shape)
-    return tuple(shape) if shape is not None else None
 
 
 def _channels(node: fx.Node) -> int | None:

@@ -17,6 +17,12 @@
   calibration data gives too few rows to re-fit a reader (fewer than ``ROWS_PER_WEIGHT`` per
   column, as for a classifier behind a flatten), its cost is the channel's contribution to the
   reader's output, ``E[(w_c . x_c)^2]``, without a re-fit.
+
+For a group of attention heads every kind gives one score per head. ``l1``/``l2`` take the norm of
+each head's block of ``head_dim`` rows in the Q, K and V Linears; ``taylor`` sums ``w * dL/dw`` over
+the block (the first-order change of the loss when the whole head goes); ``reconstruction`` reads
+the output projection, whose input columns come in blocks of ``head_dim`` per head, as for a
+flatten: removing a head zeroes its block of the merged tensor, whatever its Q and K rows were.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ def _taylor_scores(gm: fx.GraphModule, groups: list[ChannelGroup], samples) -> l
         for member in group.members:
             if member.role in _WRITERS:
                 product = products[nodes[member.node].args[1].target].double()
-                rows = product.reshape(product.shape[0], -1).sum(dim=1).abs()
+                rows = _row_blocks(product, member.per_channel).sum(dim=1).abs()
                 total += rows / rows.mean().clamp(min=1e-30)
         result.append(total)
     return result
@@ -114,9 +120,14 @@ def _norm_score(gm: fx.GraphModule, group: ChannelGroup, kind: str) -> torch.Ten
         if member.role not in ("out", "depthwise"):
             continue
         weight = ir.get_attribute(gm, nodes[member.node].args[1].target).detach().double()
-        norms = WEIGHT_NORMS[kind](weight.reshape(weight.shape[0], -1))
+        norms = WEIGHT_NORMS[kind](_row_blocks(weight, member.per_channel))
         total += norms / norms.mean().clamp(min=1e-12)
     return total
+
+
+def _row_blocks(weight: torch.Tensor, per_channel: int) -> torch.Tensor:
+    """A writer's weight as one row per channel: ``per_channel`` rows each (a head's block of Q, K or V)."""
+    return weight.reshape(weight.shape[0] // per_channel, -1)
 
 
 class _GramRecorder(fx.Interpreter):

@@ -246,7 +246,7 @@ class PruneChannels(Pass):
         for member in group.members:
             shape = shapes.get(member.node)
             if shape is not None and member.role != "norm":
-                saved += self.timer.seconds(shape) - self.timer.seconds(narrower(shape, member, step * group.unit))
+                saved += self.timer.seconds(shape) - self.timer.seconds(narrower(shape, member, step))
         return saved
 
     def _share(self, gm, groups, scores, costs, inputs, budget: float, kind: str) -> float:
@@ -359,9 +359,9 @@ class _WidthCost:
 
 
 def narrower(shape: LayerShape, member: Member, channels: int) -> LayerShape:
-    """``shape`` with ``channels`` fewer of the group's channels where ``member`` holds them."""
+    """``shape`` with ``channels`` fewer of the group's channels (``per_channel`` features each) in ``member``."""
     if member.role == "out":
-        return dataclasses.replace(shape, out_channels=shape.out_channels - channels)
+        return dataclasses.replace(shape, out_channels=shape.out_channels - channels * member.per_channel)
     if member.role == "in":
         return dataclasses.replace(shape, in_channels=shape.in_channels - channels * member.per_channel)
     return dataclasses.replace(shape, in_channels=shape.in_channels - channels,

@@ -14,6 +14,10 @@ also absorbs the error of the pruned layers before it (the sequential variant). 
 their unfolded patches (stride, padding and dilation as the conv has them); rows (positions) are
 subsampled to at most ``max_rows`` with a seeded draw.
 
+The output projection of an attention whose heads were cut is such a reader: its input is the
+merged heads, ``head_dim`` columns per head kept; the Q, K and V Linears (fitted only with
+``reconstruct="all"``) are fitted to the rows of the heads they kept.
+
 BatchNorm still present in the graph (not folded) has its running statistics re-estimated on the
 pruned model's activations wherever its input changed and was not itself re-fitted (a re-fitted
 layer already matches the unpruned statistics).
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 
 from compiler import ir
 from passes.prune.importance import ROWS_PER_WEIGHT, conv_pair, input_rows
+from passes.prune.slicing import features
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,8 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
             if node.name in fit:
                 target = reference_env[node.name]
                 if node.name in rows:
-                    target = target.index_select(1 if ir.op_name(node) == "aten.conv2d" else -1, rows[node.name])
+                    kept = _kept_features(student, node, rows[node.name])
+                    target = target.index_select(1 if ir.op_name(node) == "aten.conv2d" else -1, kept)
                 reason = _fit(student, node, student_env, target, ridge, max_rows, generator)
                 if isinstance(reason, str):
                     skipped[reason] = skipped.get(reason, 0) + 1
@@ -90,6 +96,13 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
         stats["relative_error_before"] = round(sum(before) / len(before), 4)
         stats["relative_error_after"] = round(sum(after) / len(after), 4)
     return stats
+
+
+def _kept_features(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> torch.Tensor:
+    """The output features a pruned writer kept: its kept channels, or a block of rows for each kept head."""
+    weight = ir.tensor_of(gm, node.args[1])
+    unit = weight.shape[0] // len(kept) if weight is not None and len(kept) else 1
+    return features(kept, unit)
 
 
 def _node_map(gm: fx.GraphModule) -> dict[str, fx.Node]:

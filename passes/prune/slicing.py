@@ -5,6 +5,12 @@ per-channel scale, shift and statistics; ``in`` members lose weight columns (a b
 ``per_channel`` columns each behind a flatten); ``depthwise`` members lose rows, bias entries and
 as many groups. The tensors are replaced, not masked, so the model, its ONNX file and its MACs
 shrink.
+
+In a group of attention heads a channel is a head: the Q, K and V Linears (``out``, ``per_channel`` =
+head_dim) lose the block of rows h*d..(h+1)*d of every cut head h, the output projection (``in``)
+the same block of columns; a reshape that spells the head count as a literal has it rewritten to the
+heads kept (``split``: position -2 of its shape; ``merge``: ``heads * head_dim`` at position -1). The
+attention cores (``attention``) need nothing: their shapes follow from their inputs.
 """
 
 from __future__ import annotations
@@ -41,16 +47,43 @@ def shared_weights(gm: fx.GraphModule, group: ChannelGroup) -> list[str]:
     return shared
 
 
+def features(keep: torch.Tensor, per_channel: int) -> torch.Tensor:
+    """The rows or columns of channels ``keep`` when each channel is a block of ``per_channel`` of them."""
+    return (keep[:, None] * per_channel + torch.arange(per_channel)[None, :]).reshape(-1) if per_channel > 1 else keep
+
+
 def _slice_out(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
-    _replace(gm, node.args[1], lambda weight: weight[keep])
+    rows = features(keep, member.per_channel)
+    _replace(gm, node.args[1], lambda weight: weight[rows])
     if len(node.args) > 2 and isinstance(node.args[2], fx.Node):
-        _replace(gm, node.args[2], lambda bias: bias[keep])
+        _replace(gm, node.args[2], lambda bias: bias[rows])
 
 
 def _slice_in(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
-    per = member.per_channel
-    columns = (keep[:, None] * per + torch.arange(per)[None, :]).reshape(-1) if per > 1 else keep
+    columns = features(keep, member.per_channel)
     _replace(gm, node.args[1], lambda weight: weight[:, columns])
+
+
+def _rewrite_shape(node: fx.Node, position: int, size: int) -> None:
+    """Set the literal at ``position`` of a reshape's shape argument to ``size``."""
+    shape = list(node.args[1])
+    if not isinstance(shape[position], int) or shape[position] <= 0:
+        raise PassError(f"reshape {node.name!r} in module {ir.module_path(node) or '<root>'!r} has no literal size "
+                        f"at position {position} of {shape}")
+    shape[position] = size
+    node.args = (node.args[0], shape, *node.args[2:])
+
+
+def _slice_split(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
+    _rewrite_shape(node, -2, len(keep))
+
+
+def _slice_merge(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
+    _rewrite_shape(node, -1, len(keep) * member.per_channel)
+
+
+def _follows_inputs(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
+    """An attention core: its shapes follow from its (cut) inputs."""
 
 
 def _slice_depthwise(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: Member) -> None:
@@ -73,4 +106,5 @@ def _slice_norm(gm: fx.GraphModule, node: fx.Node, keep: torch.Tensor, member: M
             _replace(gm, argument, lambda tensor: tensor[keep])
 
 
-_SLICERS = {"out": _slice_out, "in": _slice_in, "depthwise": _slice_depthwise, "norm": _slice_norm}
+_SLICERS = {"out": _slice_out, "in": _slice_in, "depthwise": _slice_depthwise, "norm": _slice_norm,
+            "attention": _follows_inputs, "split": _slice_split, "merge": _slice_merge}

@@ -68,12 +68,21 @@ def test_efficientnet_depthwise_convs_tie_their_input_to_their_output():
     assert all("sym_size" not in reason for group in groups for reason in group.refusals)
 
 
-def test_minilm_ffn_neurons_are_groups_and_the_hidden_size_is_refused():
+def test_minilm_ffn_neurons_and_attention_heads_are_groups_and_the_hidden_size_is_refused():
     groups = zoo_groups("minilm-l6")
-    ffn = [group for group in groups if group.prunable]
+    ffn = [group for group in groups if group.prunable and group.unit == 1]
     assert len(ffn) == 6 and {group.channels for group in ffn} == {1536}
     assert members(ffn[0]) == {("bert.encoder.layer.0.intermediate.dense", "out"),
                                ("bert.encoder.layer.0.output.dense", "in")}
+    heads = [group for group in groups if group.prunable and group.unit != 1]
+    assert len(heads) == 6 and {(group.channels, group.unit) for group in heads} == {(12, 32)}
+    # the captured BERT splits with view(batch, length, -1, 32) and merges with reshape(batch, length, -1):
+    # no literal head count to rewrite, so no split or merge members
+    layer = "bert.encoder.layer.3.attention"
+    assert members(heads[3]) == {(f"{layer}.self.query", "out"), (f"{layer}.self.key", "out"),
+                                 (f"{layer}.self.value", "out"), (f"{layer}.self", "attention"),
+                                 (f"{layer}.output.dense", "in")}
+    assert {m.per_channel for m in heads[3].members if m.role in ("out", "in")} == {32}
     hidden = group_with(groups, "bert.encoder.layer.0.output.dense", "out")
     assert not hidden.prunable and any("layer_norm" in reason for reason in hidden.refusals)
 

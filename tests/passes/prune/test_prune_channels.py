@@ -156,7 +156,7 @@ def test_protected_groups_are_left_whole_and_say_so(digits):
     ({"importance": "fisher"}, "importance 'fisher' is not one of l1, l2, taylor, reconstruction"),
     ({"round_to": 0}, "round_to must be 'auto' or a positive integer"),
     ({"macs": 0.3, "params": 0.3}, "give one budget"),
-    ({"allocation": "by-hand"}, "allocation must be 'global' or 'uniform'"),
+    ({"allocation": "by-hand"}, "allocation must be 'auto'"),
     ({"max_prune": 0}, "max_prune"),
 ])
 def test_bad_options_are_pass_errors(digits, options, message):

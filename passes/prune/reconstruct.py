@@ -76,6 +76,7 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
                 if isinstance(reason, str):
                     skipped[reason] = skipped.get(reason, 0) + 1
                 else:
+                    _refresh_weights(student, node, student_env)
                     fitted.append(node.name)
                     logger.info("fitted %s: relative error %.4f -> %.4f", node.name, *reason)
                     before.append(reason[0])
@@ -96,6 +97,18 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
         stats["relative_error_before"] = round(sum(before) / len(before), 4)
         stats["relative_error_after"] = round(sum(after) / len(after), 4)
     return stats
+
+
+def _refresh_weights(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> None:
+    """Point the lockstep run at a fitted layer's new weight and bias.
+
+    The get_attr nodes were evaluated (often at the top of the graph) before the fit replaced their
+    tensors; without this, every later layer was fitted to the *old* output of this one, and the
+    fits compounded into a worse model than none (EfficientNet-Lite0 at -5% MACs: 8% agreement).
+    """
+    for argument in node.args[1:3]:
+        if isinstance(argument, fx.Node) and argument.op == "get_attr":
+            env[argument.name] = ir.get_attribute(gm, argument.target)
 
 
 def _kept_features(gm: fx.GraphModule, node: fx.Node, kept: torch.Tensor) -> torch.Tensor:

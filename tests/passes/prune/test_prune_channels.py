@@ -83,6 +83,39 @@ def test_reconstruction_brings_a_pruned_model_closer_than_cutting_alone(digits):
     assert result.ledger.entry("prune_channels").stats["reconstruction"]["layers_fitted"] >= 1
 
 
+class _Chain(torch.nn.Module):
+    """Four linears: three hidden groups in a row, each re-fitted after the one before it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in ((32, 64), (64, 64), (64, 64), (64, 8)))
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = torch.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def test_sequential_reconstruction_fits_each_layer_to_the_refitted_ones_before_it():
+    # regression: the lockstep run kept the old weights of a re-fitted layer, so every later layer was
+    # fitted to outputs the model no longer computed, and three fits left it worse than none
+    model = _Chain().eval()
+    calibration = (torch.randn(512, 32),)
+    with torch.no_grad():
+        expected = model(*calibration)
+    errors = {}
+    for reconstruct in (False, "readers"):
+        result = run_pipeline(model, pruning_target(macs=0.4, importance="l1", reconstruct=reconstruct, round_to=1,
+                                                           reconstruct_samples=512),
+                              (calibration[0][:1],), calibration_data=[calibration])
+        with torch.no_grad():
+            output = result.graph_module(*calibration)[0]
+        errors[reconstruct] = float((output - expected).pow(2).mean() / expected.pow(2).mean())
+    assert result.ledger.entry("prune_channels").stats["reconstruction"]["layers_fitted"] == 3
+    assert errors["readers"] < 0.5 * errors[False], errors
+
+
 def test_a_parameter_budget_is_met_and_uniform_allocation_keeps_one_share(digits):
     calibration = digits.calibration_data(64)
     result = run_pipeline(digits.model, pruning_target(params=0.3, allocation="uniform"),

@@ -31,8 +31,8 @@ from onnx import TensorProto, helper
 
 from backends.onnx.export import ExportRequest, export_onnx
 from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, make_session, session_options
-from compiler.cli.benchmark import time_side_by_side
 from compiler.layer_shapes import LayerShape
+from compiler.timing import time_side_by_side
 from models.cache import cache_dir
 
 logger = logging.getLogger(__name__)

@@ -116,10 +116,14 @@ def _first(output: object) -> torch.Tensor:
 
 
 def _progress(started: float, steps: int, options: dict, limit: float) -> float:
-    """How far through its budget (time or steps, whichever binds first) the training is, in [0, 1]."""
-    by_time = (time.perf_counter() - started) / options["seconds"] if options["seconds"] else 0.0
-    by_steps = steps / limit if math.isfinite(limit) else 0.0
-    return min(1.0, max(by_time, by_steps))
+    """How far through its budget the training is, in [0, 1]: by steps when ``max_steps`` is set, else by time.
+
+    A step budget makes the schedule, hence a seeded run, reproducible: mixing in the clock made the
+    learning rate of every step depend on how fast the machine was (two seeded runs differed).
+    """
+    if math.isfinite(limit):
+        return min(1.0, steps / limit)
+    return min(1.0, (time.perf_counter() - started) / options["seconds"]) if options["seconds"] else 0.0
 
 
 def _cosine(optimiser: torch.optim.Optimizer, peak: float, progress: float) -> None:

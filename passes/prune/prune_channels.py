@@ -133,6 +133,7 @@ class PruneChannels(Pass):
         needs_data = self.options["reconstruct"] or self.options["importance"] in ("reconstruction", "taylor")
         samples = _samples(ctx.calibration_data, self.options["reconstruct_samples"]) if needs_data else None
         scores = importance.scores(gm, groups, self.options["importance"], samples)
+        self.shapes = layer_shapes(gm, self.batch) if kind == "latency" else {}  # the unpruned layers, read once
         costs = [self._channel_cost(gm, group, kind) for group in groups]
         stats: dict = {"budget": {kind: self.options[kind]}}
         if kind == "latency":
@@ -236,12 +237,12 @@ class PruneChannels(Pass):
         elif kind == "params":
             total = sum(ir.node_parameter_count(gm, nodes[m.node]) for m in group.members)
         else:
-            return max(1e-9, self._seconds_saved(gm, group) / (self._round(group)))
+            return max(1e-9, self._seconds_saved(gm, group) / self._round(group))
         return max(1.0, total / group.channels)
 
     def _seconds_saved(self, gm: fx.GraphModule, group: ChannelGroup) -> float:
         """Table seconds saved by cutting ``round_to`` channels (in the group's units) from every member."""
-        shapes, step = layer_shapes(gm, self.batch), self._round(group)
+        shapes, step = self.shapes, self._round(group)
         saved = 0.0
         for member in group.members:
             shape = shapes.get(member.node)

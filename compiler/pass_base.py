@@ -34,6 +34,7 @@ class PassContext:
     train_data: Any = None  # validated batches for training passes; None: they use calibration_data
     channel_multiple: int = 1  # the width multiple the backend's kernels want (Backend.channel_multiple)
     layer_timer: Any = None  # compiler.layer_shapes.LayerTimer of the backend, None where it cannot time layers
+    captured_macs: int = 0  # MACs of the model as captured, on the probe batch (set by the pass manager)
 
 
 class Pass:

@@ -63,6 +63,7 @@ class PassManager:
         """Run every pass on ``gm``; append an entry per pass to ``ledger``; return the result."""
         outputs = probe.run_annotated(gm, ctx.probe_inputs)
         ledger.initial = {**_snapshot(gm), "drift": probe.drift(outputs, reference).to_dict()}
+        ctx.captured_macs = ledger.initial["macs"]
         self._dump(0, "capture", gm)
         for index, pass_ in enumerate(self.passes, start=1):
             gm, outputs = self._run_one(index, pass_, gm, ctx, (reference, outputs), ledger)

@@ -18,12 +18,13 @@ from torch import nn
 from backends.onnxruntime import DISABLED_OPTIMIZERS
 from backends.onnxruntime.isa import int8_format
 from backends.onnxruntime.policy import make_policy
-from compiler import compile, ir, probe
+from compiler import compile, ir, meta, probe
 from compiler.errors import CalibrationDataError, TargetError
+from compiler.pass_base import PassContext
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
 from compiler.targets import PassSpec, get_target
 from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_scales
-from passes.quant.quant_sensitivity import _noise_share
+from passes.quant.quant_sensitivity import _macs_scale, _noise_share
 from tests.support import randomize_batch_norm
 
 
@@ -277,3 +278,34 @@ def test_a_symmetric_policy_puts_zero_in_the_middle_of_the_grid(dtype, zero_poin
 def test_a_symmetric_flag_must_be_a_boolean():
     with pytest.raises(TargetError, match="activation_symmetric must be true or false"):
         make_policy({"activation_symmetric": "yes"})
+
+
+def test_float_budget_is_a_share_of_the_model_as_captured():
+    """After pruning, a layer's float share is counted against the captured MACs, not the pruned ones."""
+    gm = torch.fx.symbolic_trace(_model())
+    for node in gm.graph.nodes:
+        node.meta[meta.MACS] = 1000 if node.op == "call_module" else 0
+    macs = probe.total_macs(gm)
+    context = PassContext((_data(1, 0),), (_data(1, 0),))
+    assert _macs_scale(gm, context) == 1.0  # not known: the graph's own MACs
+    context.captured_macs = int(macs / 0.7)  # pruning removed 30% of the MACs
+    assert _macs_scale(gm, context) == pytest.approx(1 / 0.7, rel=1e-6)
+    context.captured_macs = macs // 2  # a graph that grew is measured against itself
+    assert _macs_scale(gm, context) == 1.0
+
+
+def test_pass_manager_tells_passes_the_captured_macs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.Conv2d(16, 64, 1), nn.ReLU6(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU6(), nn.Conv2d(64, 16, 1), nn.Flatten(),
+                          nn.Linear(16 * 16 * 16, 10)).eval()
+    target = _sensitivity_target(max_drop=0.0, max_float=1, max_float_macs=1.0, min_noise_share=0.0)
+    compiled = compile(model, target, _data(1, 0), calibration_data=[_data(16, 1)],
+                       prune={"macs": 0.4}, recover_seconds=0)
+    entry = compiled.report.entry("quant_sensitivity")
+    captured = compiled.report.initial["macs"]
+    assert entry.macs_before < 0.8 * captured
+    float_op = next(row["op"] for row in entry.stats["layers"] if row["decision"] == "float")
+    float_macs = next(node.meta[meta.MACS] for node in compiled.graph_module.graph.nodes if node.name == float_op)
+    # The pruned graph is all conv/linear MACs, so the share is the float op's MACs over the captured model's.
+    assert entry.stats["quality"]["float_macs_share"] == pytest.approx(float_macs / captured, rel=0.02)

@@ -4,13 +4,15 @@ For an ImageNet classifier of the zoo (EfficientNet-Lite0 by default):
 
 - ``unpruned``: the model compiled to ``cpu-fp32`` (the reference of every latency ratio);
 - ``fxpress``: ``compile(model, "cpu-fp32", prune={"macs": R}, calibration_data=..., recover_seconds=S)``
-  (data-aware importance, global allocation, widths in the backend's channel multiple, least-squares
+  (data-aware importance, uniform allocation, widths in the backend's channel multiple, least-squares
   reconstruction, then distillation);
 - ``torch-pruning``: Torch-Pruning's ``MetaPruner`` with L2 magnitude importance, uniform ratio,
   ``round_to=16`` (the expert setting; its default ``round_to=None`` runs slower than unpruned),
   the classifier ignored, the ratio bisected until its MAC count meets the same budget; then the
-  *same* distillation (``passes.recovery.recover.distil``: KL at temperature 2, Adam, cosine, batch
-  16, same seed and seconds) on the eager pruned model; then compiled to ``cpu-fp32`` the same way.
+  same logit distillation (``passes.recovery.recover.distil``: KL at temperature 2, Adam, cosine,
+  batch 16, same seed and seconds) on the eager pruned model; then compiled to ``cpu-fp32`` the same
+  way. fxpress's recovery adds its intermediate-feature term (``recover``'s ``features``), which
+  needs the channels pruning kept; the eager Torch-Pruning model does not record them.
 - with ``--latency R``: ``fxpress-latency``, ``prune={"latency": R, "latency_batch": 16}`` (a
   per-layer latency table, global allocation, the pruned copy timed against the unpruned one) with
   the same recovery;
@@ -25,6 +27,7 @@ Torch-Pruning comes with the ``peers`` extra (``pip install -e ".[peers]"``); wi
 ``torch-pruning`` row says so and the rest runs.
 
     python -m bench.prune_peers --int8                         # -30% MACs, 180 s recovery
+    python -m bench.prune_peers --int8 --latency 0.7 --train 2048  # recovery on 2048 crops
     python -m bench.prune_peers --macs 0.5 --seconds 300 --json prune50.json
     python -m bench.prune_peers --latency 0.7 --no-torch-pruning    # latency-driven against MAC-driven
 """
@@ -133,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     zoo = models.load(args.model)
     train = zoo.calibration_data(args.train)[0]
+    data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)]}
     images = zoo.eval_data(args.eval)[0]
     reference = batched(zoo.model, images)
     top2 = reference.softmax(1).topk(2, dim=1).values
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
 
     began = time.perf_counter()
     compiled["unpruned"] = compile(zoo.model, "cpu-fp32", zoo.example_inputs)
-    fx_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, calibration_data=[(train,)],
+    fx_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
                        prune={"macs": args.macs}, recover_seconds=args.seconds)
     compiled["fxpress"] = fx_model
     entry = fx_model.report.entry("prune_channels")
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.latency:
         began = time.perf_counter()
-        lat_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, calibration_data=[(train,)],
+        lat_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
                             prune={"latency": args.latency, "latency_batch": 16}, recover_seconds=args.seconds)
         compiled["fxpress-latency"] = lat_model
         entry = lat_model.report.entry("prune_channels")
@@ -177,8 +181,9 @@ def run(args: argparse.Namespace) -> dict:
     timing_images = images[:16].contiguous()
     record["latency_fp32"] = latency(compiled, timing_images, (1, 16), args.runs, "unpruned")
     if args.int8:
-        int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs, calibration_data=[(train,)])}
-        int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, calibration_data=[(train,)],
+        int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs,
+                                         calibration_data=data["calibration_data"])}
+        int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
                                        prune={"macs": args.macs}, recover_seconds=args.seconds)
         for name, model in int8.items():
             rows[name] = agreement(batched(model, images), reference, decisive)
@@ -211,7 +216,9 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--macs", type=float, default=0.3)
     parser.add_argument("--seconds", type=float, default=180.0)
-    parser.add_argument("--train", type=int, default=256)
+    parser.add_argument("--train", type=int, default=256, help="training crops (recovery, both pruners)")
+    parser.add_argument("--calibration", type=int, default=256,
+                        help="the first N training crops are the calibration data (reconstruction, int8)")
     parser.add_argument("--eval", type=int, default=500)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.0,

@@ -29,10 +29,13 @@ QUANT_DECISION = "fxpress_quant_decision"  # on an op kept in float by an overri
 QUANT_SENSITIVITY = "fxpress_quant_sensitivity"  # on an integer op: {"sqnr_db" (quantised alone), "decision"}
 WEIGHT_INTEGERS = "fxpress_weight_integers"  # on a weight: {"integers", "scales", "largest", "method"} (gptq)
 
+# Pruning (prune_channels) for recovery.
+KEPT_FEATURES = "fxpress_kept_features"  # on a pruned writer: {"dim", "index"}: its features in the unpruned output
+
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
     FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION, QUANT_SENSITIVITY,
-    WEIGHT_INTEGERS,
+    WEIGHT_INTEGERS, KEPT_FEATURES,
 )
 
 

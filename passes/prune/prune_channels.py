@@ -52,7 +52,7 @@ from compiler.pass_base import Pass, PassContext, PassResult
 from passes.prune import importance
 from passes.prune.groups import ChannelGroup, Member, channel_groups
 from passes.prune.reconstruct import reconstruct
-from passes.prune.slicing import keep_channels, shared_weights
+from passes.prune.slicing import features, keep_channels, shared_weights
 
 logger = logging.getLogger(__name__)
 
@@ -332,11 +332,26 @@ class PruneChannels(Pass):
                 continue
             keep = torch.sort(torch.topk(scores[index], count).indices).values
             keep_channels(gm, group, keep)
+            _mark_kept(gm, group, keep)
             if rows is not None:
                 rows.update({m.node: keep for m in group.members if m.role != "in"})
             widths[group.members[0].module_path or "<root>"] = [group.channels, count]
         gm.recompile()
         return widths
+
+
+_FEATURE_DIM = {"aten.conv1d": 1, "aten.conv2d": 1, "aten.linear": -1, "aten.batch_norm": 1,
+                "aten._native_batch_norm_legit_no_training": 1}
+
+
+def _mark_kept(gm: fx.GraphModule, group: ChannelGroup, keep: torch.Tensor) -> None:
+    """Record on each writer which features of its unpruned output it kept (for feature distillation)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for member in group.members:
+        node = nodes[member.node]
+        dim = _FEATURE_DIM.get(ir.op_name(node))
+        if member.role in ("out", "depthwise", "norm") and dim is not None:
+            node.meta[meta.KEPT_FEATURES] = {"dim": dim, "index": features(keep, member.per_channel)}
 
 
 class _WidthCost:

@@ -7,7 +7,11 @@ the calibration data when none is given) until the wall-clock budget is spent:
 
 * classifiers: KL divergence between the softened distributions at ``temperature``, scaled by
   ``temperature ** 2`` (Hinton et al.);
-* embedding models (unit-norm output rows): one minus the cosine of each row.
+* embedding models (unit-norm output rows): one minus the cosine of each row;
+* plus, with ``features`` > 0, ``feature_weight`` times the normalised squared error at up to
+  ``features`` intermediate tensors matched to the teacher's (:mod:`passes.recovery.features`:
+  block boundaries, sliced to the channels pruning kept), the teacher's values cached within
+  ``feature_cache_mb``.
 
 The learning rate decays from ``lr`` to 0 along a cosine over the budget (``schedule="cosine"``).
 Each sample's teacher output is computed the first time the sample is drawn and kept (the data
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from compiler import ir
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
+from passes.recovery.features import FeaturePoint, feature_loss, feature_points, with_features
 
 _WEIGHTED = ("aten.conv2d", "aten.conv1d", "aten.linear")
 _CURVE_POINTS = 10
@@ -44,7 +49,8 @@ class Recover(Pass):
     needs_calibration = True
     needs_teacher = True
     default_options = {"seconds": 180.0, "max_steps": None, "lr": 1e-4, "temperature": 2.0,
-                       "batch_size": 16, "seed": 0, "schedule": "cosine"}
+                       "batch_size": 16, "seed": 0, "schedule": "cosine", "features": 4, "feature_weight": 1.0,
+                       "feature_cache_mb": 1024}
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """A teacher, data, and sane options."""
@@ -57,7 +63,10 @@ class Recover(Pass):
         if self.options["schedule"] not in ("cosine", "constant"):
             raise PassError(f"pass {self.name!r}: schedule must be 'cosine' or 'constant', "
                             f"got {self.options['schedule']!r}")
-        for key in ("lr", "temperature"):
+        features = self.options["features"]
+        if isinstance(features, bool) or not isinstance(features, int) or features < 0:
+            raise PassError(f"pass {self.name!r}: features is a count of points >= 0, got {features!r}")
+        for key in ("lr", "temperature", "feature_weight", "feature_cache_mb"):
             if not isinstance(self.options[key], (int, float)) or self.options[key] <= 0:
                 raise PassError(f"pass {self.name!r}: {key} must be positive, got {self.options[key]!r}")
 
@@ -72,23 +81,29 @@ class Recover(Pass):
         before = _quality(gm, teacher, held_out, kind)
         names = _trainable(gm)
         parameters = [ir.get_attribute(gm, name) for name in names]
-        curve, steps, seconds = distil(gm, teacher, train, parameters, kind, self.options)
+        points = feature_points(gm, teacher, tuple(tensor[:2] for tensor in train), self.options["features"],
+                                self.options["feature_cache_mb"] * 2 ** 20, _count(train))
+        curve, steps, seconds = distil(gm, teacher, train, parameters, kind, self.options, points)
         _freeze(gm, names)
         return PassResult(gm, modified=steps > 0, stats={
             "steps": steps, "seconds": round(seconds, 1), "loss": kind, "tensors_trained": len(names),
+            "feature_points": [point.node for point in points],
             "samples": {"train": _count(train), "held_out": _count(held_out)}, "loss_curve": curve,
             "held_out_before": before, "held_out_after": _quality(gm, teacher, held_out, kind),
         })
 
 def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[torch.Tensor], kind: str,
-           options: dict) -> tuple[list[float], int, float]:
+           options: dict, points: list[FeaturePoint] | None = None) -> tuple[list[float], int, float]:
     """Train ``parameters`` of ``student`` towards ``teacher`` on ``train``; the loss curve, steps, seconds.
 
     ``student`` and ``teacher`` are any callables on the samples (an IR, an eager ``nn.Module``);
     a tuple or list output is read at its first element. ``options`` are the pass's: ``seconds``,
     ``max_steps``, ``lr``, ``schedule`` (``"cosine"`` decays to 0 over the budget, or
-    ``"constant"``), ``temperature``, ``batch_size``, ``seed``.
+    ``"constant"``), ``temperature``, ``batch_size``, ``seed``, ``feature_weight``. With ``points``
+    (both IRs), the loss adds the feature term at those points.
     """
+    if points:
+        student, teacher = with_features(student, points), _TeacherViews(with_features(teacher, points), points)
     optimiser = torch.optim.Adam(parameters, lr=options["lr"])
     generator = torch.Generator().manual_seed(options["seed"])
     started, steps, losses = time.perf_counter(), 0, []
@@ -98,7 +113,7 @@ def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[t
     while steps < limit and time.perf_counter() < deadline:
         for index in _batches(train, options["batch_size"], generator):
             batch, target = tuple(tensor[index] for tensor in train), targets.outputs(index)
-            loss = _loss(_first(student(*batch)), target, kind, options["temperature"])
+            loss = _step_loss(student(*batch), target, kind, options, bool(points))
             optimiser.zero_grad()
             loss.backward()
             if options["schedule"] == "cosine":
@@ -109,6 +124,26 @@ def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[t
             if steps >= limit or time.perf_counter() >= deadline:
                 break
     return _curve(losses), steps, time.perf_counter() - started
+
+
+def _step_loss(output: object, target: object, kind: str, options: dict, features: bool) -> torch.Tensor:
+    if not features:
+        return _loss(_first(output), target, kind, options["temperature"])
+    (outputs, values), (logits, *wanted) = output, target
+    return (_loss(_first(outputs), logits, kind, options["temperature"])
+            + options["feature_weight"] * feature_loss(values, wanted))
+
+
+class _TeacherViews:
+    """The teacher with feature outputs, as one tuple: its first output, then each point's sliced value."""
+
+    def __init__(self, teacher: fx.GraphModule, points: list[FeaturePoint]):
+        self.teacher, self.points = teacher, points
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs, values = self.teacher(*inputs)
+        return (_first(outputs), *(point.teacher_view(value) for point, value in zip(self.points, values,
+                                                                                       strict=True)))
 
 
 def _first(output: object) -> torch.Tensor:
@@ -164,23 +199,30 @@ def _batches(samples, size: int, generator: torch.Generator):
 
 
 class _TeacherCache:
-    """The teacher's first output per training sample, computed the first time a sample is drawn."""
+    """The teacher's output per training sample, computed the first time a sample is drawn.
+
+    Its first output, or with ``_TeacherViews`` the whole tuple (first output, then feature values).
+    """
 
     def __init__(self, teacher, samples: tuple[torch.Tensor, ...]):
         self.teacher, self.samples = teacher, samples
-        self.values: torch.Tensor | None = None
+        self.whole = isinstance(teacher, _TeacherViews)
+        self.values: list[torch.Tensor] = []
         self.known = torch.zeros(samples[0].shape[0], dtype=torch.bool)
 
-    def outputs(self, index: torch.Tensor) -> torch.Tensor:
+    def outputs(self, index: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         missing = index[~self.known[index]]
         if len(missing):
             with torch.no_grad():
-                fresh = _first(self.teacher(*(tensor[missing] for tensor in self.samples)))
-            if self.values is None:
-                self.values = fresh.new_empty((self.known.shape[0], *fresh.shape[1:]))
-            self.values[missing] = fresh
+                fresh = self.teacher(*(tensor[missing] for tensor in self.samples))
+            fresh = fresh if self.whole else (_first(fresh),)
+            if not self.values:
+                self.values = [value.new_empty((self.known.shape[0], *value.shape[1:])) for value in fresh]
+            for store, value in zip(self.values, fresh, strict=True):
+                store[missing] = value
             self.known[missing] = True
-        return self.values[index]
+        taken = tuple(store[index] for store in self.values)
+        return taken if self.whole else taken[0]
 
 
 def _kind(teacher, samples) -> str:

@@ -49,9 +49,13 @@ _WRITERS = ("out", "depthwise")
 _TAYLOR_CHUNK = 16
 
 
-def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
-           samples: tuple[torch.Tensor, ...] | None, max_rows: int = 65536) -> list[torch.Tensor]:
-    """One score per channel of every group, in group order (higher: keep)."""
+def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str, samples: tuple[torch.Tensor, ...] | None,
+           max_rows: int = 65536, valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One score per channel of every group, in group order (higher: keep).
+
+    ``valid`` (a bool ``(batch, length)`` mask of real tokens, :mod:`compiler.sequences`) keeps a
+    linear's padded positions out of its Gram matrix.
+    """
     if kind in WEIGHT_NORMS:
         return [_norm_score(gm, group, kind) for group in groups]
     if samples is None:
@@ -60,7 +64,7 @@ def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str,
     if kind == "taylor":
         return _taylor_scores(gm, groups, samples)
     readers = {member.node: member for group in groups for member in group.members if member.role == "in"}
-    grams = _input_grams(gm, samples, set(readers), max_rows)
+    grams = _input_grams(gm, samples, set(readers), max_rows, valid)
     nodes = {node.name: node for node in gm.graph.nodes}
     result = []
     for group in groups:
@@ -133,15 +137,16 @@ def _row_blocks(weight: torch.Tensor, per_channel: int) -> torch.Tensor:
 class _GramRecorder(fx.Interpreter):
     """Runs the graph, adding each chosen node's input rows (patches for convs) to its Gram matrix."""
 
-    def __init__(self, gm: fx.GraphModule, nodes: set[str], max_rows: int):
+    def __init__(self, gm: fx.GraphModule, nodes: set[str], max_rows: int, valid: torch.Tensor | None):
         super().__init__(gm)
-        self.nodes, self.max_rows = nodes, max_rows
+        self.nodes, self.max_rows, self.valid = nodes, max_rows, valid
         self.grams: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(0)
 
     def run_node(self, node: fx.Node) -> object:
         if node.name in self.nodes:
-            rows = input_rows(node, self.env[node.args[0]], ir.tensor_of(self.module, node.args[1]), self.max_rows)
+            rows = input_rows(node, self.env[node.args[0]], ir.tensor_of(self.module, node.args[1]), self.max_rows,
+                              self.valid)
             if rows.shape[0] > self.max_rows:
                 rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[: self.max_rows]]
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1).double()
@@ -149,25 +154,35 @@ class _GramRecorder(fx.Interpreter):
         return super().run_node(node)
 
 
-def _input_grams(gm, samples, nodes: set[str], max_rows: int) -> dict[str, torch.Tensor]:
-    recorder = _GramRecorder(gm, nodes, max_rows)
+def _input_grams(gm, samples, nodes: set[str], max_rows: int, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    recorder = _GramRecorder(gm, nodes, max_rows, valid)
     with torch.no_grad():
         recorder.run(*samples)
     return recorder.grams
 
 
-def input_rows(node: fx.Node, source: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None) -> torch.Tensor:
+def input_rows(node: fx.Node, source: torch.Tensor, weight: torch.Tensor, max_rows: int | None = None,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
     """The rows a conv (unfolded patches, as its stride, padding and dilation take them) or a linear reads.
 
     With ``max_rows``, a conv unfolds only as many images as give about twice that many rows (memory).
+    With ``valid``, a linear reading token positions (its input's leading dimensions are the mask's)
+    gives only the real tokens' rows.
     """
     if ir.op_name(node) == "aten.linear":
-        return source.reshape(-1, source.shape[-1])
+        return real_tokens(source, valid).reshape(-1, source.shape[-1])
     if max_rows is not None:
         source = source[: max(1, -(-2 * max_rows // math.prod(source.shape[2:])))]
     stride, padding, dilation = (conv_pair(node, i, default) for i, default in ((3, 1), (4, 0), (5, 1)))
     patches = F.unfold(source, weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def real_tokens(tensor: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``tensor``'s real token positions, flattened into rows, where its leading dimensions are ``valid``'s."""
+    if valid is not None and tensor.dim() > 2 and tensor.shape[:2] == valid.shape:
+        return tensor[valid]
+    return tensor
 
 
 def conv_pair(node: fx.Node, index: int, default: int) -> tuple[int, int]:

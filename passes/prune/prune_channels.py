@@ -49,6 +49,7 @@ from compiler import ir, meta, probe
 from compiler.errors import PassError
 from compiler.layer_shapes import LayerShape, layer_shapes, predicted_seconds
 from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.sequences import Padding, find_padding
 from passes.prune import importance
 from passes.prune.groups import ChannelGroup, Member, channel_groups
 from passes.prune.reconstruct import reconstruct
@@ -131,11 +132,11 @@ class PruneChannels(Pass):
         if self.options[kind] == 0 or not groups:
             return PassResult(gm, modified=False, stats={"groups_pruned": 0, "skipped": _counted(skipped)})
         needs_data = self.options["reconstruct"] or self.options["importance"] in ("reconstruction", "taylor")
-        samples = _samples(ctx.calibration_data, self.options["reconstruct_samples"]) if needs_data else None
-        scores = importance.scores(gm, groups, self.options["importance"], samples)
+        stats: dict = {"budget": {kind: self.options[kind]}}
+        samples, valid = self._data(gm, ctx.calibration_data, stats) if needs_data else (None, None)
+        scores = importance.scores(gm, groups, self.options["importance"], samples, valid=valid)
         self.shapes = layer_shapes(gm, self.batch) if kind == "latency" else {}  # the unpruned layers, read once
         costs = [self._channel_cost(gm, group, kind) for group in groups]
-        stats: dict = {"budget": {kind: self.options[kind]}}
         if kind == "latency":
             share = self._latency_share(gm, groups, scores, costs, ctx.probe_inputs, stats)
             kept = self._kept(groups, scores, costs, share)
@@ -152,8 +153,28 @@ class PruneChannels(Pass):
                       "round_to": self.round_to,
                       "widths": widths, "skipped": _counted(skipped)})
         if reference is not None and widths:
-            stats["reconstruction"] = reconstruct(gm, reference, samples, self._fitted(gm, groups, rows), rows)
+            stats["reconstruction"] = reconstruct(gm, reference, samples, self._fitted(gm, groups, rows), rows,
+                                                  valid=valid)
         return PassResult(gm, modified=bool(widths), stats=stats)
+
+    def _data(self, gm: fx.GraphModule, data, stats: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Calibration samples for scoring and re-fitting, and the mask of their real tokens (None: all real).
+
+        Padded token data (:mod:`compiler.sequences`) is cut to its longest sentence and read for as
+        many real tokens as ``reconstruct_samples`` full-length samples hold (measured on MiniLM at -30%
+        MACs: 128 padded sentences left cosine 0.864 to the unpruned embeddings, 455 sentences' real
+        tokens 0.948).
+        """
+        count = self.options["reconstruct_samples"]
+        samples = _samples(data, count)
+        padding = find_padding(gm, samples)
+        if padding is None:
+            return samples, None
+        samples = padding.trim(_samples(data, count * padding.length, padding))
+        valid = padding.valid(samples)
+        stats["padding"] = {"mask_input": padding.mask_index, "samples": int(valid.shape[0]),
+                            "real_tokens": int(valid.sum()), "padded_length": padding.length}
+        return samples, valid
 
     def _latency_share(self, gm, groups, scores, costs, inputs, stats: dict) -> float:
         """The share whose pruned copy *measures* at the latency asked, aiming the layer table lower if needed.
@@ -389,18 +410,21 @@ def _batched(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor
     return tuple(torch.cat([value] * math.ceil(batch / value.shape[0]))[:batch] for value in inputs)
 
 
-def _samples(data, count: int) -> tuple[torch.Tensor, ...]:
-    """The first ``count`` samples of the calibration batches, concatenated."""
+def _samples(data, count: int, padding: Padding | None = None) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` samples of the calibration batches, concatenated; with ``padding``, ``count`` real tokens."""
     if data is None:
         raise PassError("pass 'prune_channels' measures and re-fits channels on calibration data: pass "
                         "calibration_data, or prune with importance='l1' and reconstruct=False")
     batches, total = [], 0
     for batch in data:
         batches.append(batch)
-        total += batch[0].shape[0]
+        total += int(padding.lengths(batch).sum()) if padding is not None else batch[0].shape[0]
         if total >= count:
             break
-    return tuple(torch.cat([batch[i] for batch in batches])[:count] for i in range(len(batches[0])))
+    samples = tuple(torch.cat([batch[i] for batch in batches]) for i in range(len(batches[0])))
+    if padding is not None:  # the first samples whose real tokens reach ``count``
+        count = int(torch.searchsorted(padding.lengths(samples).cumsum(0), count)) + 1
+    return tuple(tensor[:count] for tensor in samples)
 
 
 def _rounded(channels: int, wanted: int, round_to: int) -> int:

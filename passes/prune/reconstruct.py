@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from compiler import ir
-from passes.prune.importance import ROWS_PER_WEIGHT, conv_pair, input_rows
+from passes.prune.importance import ROWS_PER_WEIGHT, conv_pair, input_rows, real_tokens
 from passes.prune.slicing import features
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,12 @@ _BATCH_NORM = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
 
 def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
                 fit: set[str], rows: dict[str, torch.Tensor], *, ridge: float = 1e-3, max_rows: int = 65536,
-                seed: int = 0) -> dict:
+                seed: int = 0, valid: torch.Tensor | None = None) -> dict:
     """Re-fit the nodes named in ``fit`` of ``student`` towards ``reference`` (same graph, unpruned).
 
     ``rows`` maps each pruned writer to the output channels it kept (its target is sliced to them).
+    ``valid`` (a bool ``(batch, length)`` mask of real tokens, :mod:`compiler.sequences`) keeps a
+    linear's padded positions out of its fit.
 
     Returns counters for the ledger: layers fitted, skipped (with reasons), and the mean relative
     output error of the fitted layers before and after.
@@ -72,7 +74,7 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
                 if node.name in rows:
                     kept = _kept_features(student, node, rows[node.name])
                     target = target.index_select(1 if ir.op_name(node) == "aten.conv2d" else -1, kept)
-                reason = _fit(student, node, student_env, target, ridge, max_rows, generator)
+                reason = _fit(student, node, student_env, target, ridge, max_rows, generator, valid)
                 if isinstance(reason, str):
                     skipped[reason] = skipped.get(reason, 0) + 1
                 else:
@@ -144,7 +146,8 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> obje
     return gm.get_submodule(node.target)(*args, **kwargs)
 
 
-def _fit(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, generator) -> str | tuple[float, float]:
+def _fit(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, generator,
+         valid: torch.Tensor | None = None) -> str | tuple[float, float]:
     """Least-squares weights for one conv/linear; a reason string when it cannot be fitted."""
     name = ir.op_name(node)
     weight_node = node.args[1]
@@ -156,6 +159,7 @@ def _fit(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, gener
     weight = ir.get_attribute(gm, weight_node.target)
     source = env[node.args[0].name]
     if name == "aten.linear":
+        source, target = real_tokens(source, valid), real_tokens(target, valid)
         targets = target.reshape(-1, target.shape[-1])
     elif name == "aten.conv2d" and _groups(node) == 1 and source.dim() == 4:
         images = max(1, -(-2 * max_rows // (target.shape[2] * target.shape[3])))  # enough images for the rows

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 import models
 from compiler import TARGETS, PassError, PassSpec, compile
@@ -196,3 +197,39 @@ def test_bad_options_are_pass_errors(digits, options, message):
     with pytest.raises(PassError, match=message):
         run_pipeline(digits.model, pruning_target(**options), digits.example_inputs,
                      calibration_data=[digits.calibration_data(16)])
+
+
+class TokenMLP(nn.Module):
+    """Embedding, a two-layer MLP per token, masked mean pooling: padded positions never reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.up, self.down = nn.Embedding(30, 16), nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, ids, mask):
+        x = self.down(torch.relu(self.up(self.embed(ids))))
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        return (x * weights).sum(1) / weights.sum(1)
+
+
+def test_padded_positions_do_not_sway_scores_or_refits():
+    """Metamorphic: what sits at padded positions must not change the pruned model (the fit reads real tokens)."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 17, (128,), generator=generator)
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 30, (128, 16), generator=generator)
+    results = []
+    for filler in (0, 7):  # the id at padded positions
+        samples = (torch.where(mask.bool(), ids, filler), mask)
+        compiled = compile(model, "cpu-fp32", tuple(tensor[:2] for tensor in samples), calibration_data=[samples],
+                           prune={"macs": 0.3}, recover_seconds=0)
+        entry = compiled.report.entry("prune_channels")
+        assert entry.stats["padding"] == {"mask_input": 1, "samples": 128, "real_tokens": int(mask.sum()),
+                                          "padded_length": 16}
+        assert entry.stats["reconstruction"]["layers_fitted"] == 1
+        results.append({name: tensor.clone() for name, tensor in compiled.graph_module.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    for name, tensor in results[0].items():
+        torch.testing.assert_close(results[1][name], tensor, msg=name)

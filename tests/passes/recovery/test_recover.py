@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -16,7 +17,8 @@ import models
 from compiler import TARGETS, CalibrationDataError, PassSpec, TargetError, compile
 from compiler.cli import main
 from compiler.pipeline import run_pipeline
-from passes.recovery.recover import _kind
+from compiler.sequences import find_padding
+from passes.recovery.recover import Recover, _batches, _kind, _TeacherCache, distil
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +137,69 @@ def test_the_command_asks_for_data_it_cannot_find(tmp_path):
     assert result.exit_code == 2
     assert "recovery after pruning needs data" in result.stderr and "--recover-seconds 0" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+class PaddedEncoder(nn.Module):
+    """Token embedding, a linear and masked mean pooling, unit-norm rows: padding never reaches the output."""
+
+    def __init__(self, tokens: bool = False):
+        super().__init__()
+        self.tokens = tokens
+        self.embed, self.linear = nn.Embedding(30, 8), nn.Linear(8, 8)
+
+    def forward(self, ids, mask):
+        x = torch.relu(self.linear(self.embed(ids)))
+        if self.tokens:
+            return x
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        return F.normalize((x * weights).sum(1) / weights.sum(1), dim=1)
+
+
+def padded_tokens(count: int, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, length + 1, (count,), generator=generator)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    return torch.randint(1, 30, (count, length), generator=generator) * mask, mask
+
+
+def test_length_sorted_batches_cover_every_sample_once_with_little_padding():
+    samples = padded_tokens(200)
+    lengths = samples[1].sum(1)
+    batches = list(_batches(samples, 8, torch.Generator().manual_seed(0), lengths))
+    assert sorted(torch.cat(batches).tolist()) == list(range(200))
+    padded = sum(int(lengths[index].max()) * len(index) for index in batches)
+    shuffled = sum(int(lengths[index].max()) * len(index) for index in _batches(samples, 8,
+                                                                                torch.Generator().manual_seed(0)))
+    assert padded < 0.8 * shuffled, (padded, shuffled)
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled", "per-token"])
+def test_the_teacher_cache_hands_out_what_the_teacher_gives_the_cut_batch(tokens):
+    torch.manual_seed(0)
+    teacher, samples = PaddedEncoder(tokens).eval(), padded_tokens(40)
+    padding = find_padding(teacher, samples)
+    assert padding is not None
+    cache = _TeacherCache(teacher, samples, padding)
+    for index in (torch.tensor([3, 7, 9]), torch.tensor([7, 20, 3, 1])):  # cached, then partly fresh
+        batch = padding.trim(tuple(tensor[index] for tensor in samples))
+        with torch.no_grad():
+            expected = cache.masked(teacher(*batch), batch, features=False)
+        torch.testing.assert_close(cache.outputs(index), expected)
+        if tokens:  # per-token values: the padded positions are zero, the real ones the teacher's
+            assert cache.outputs(index)[~padding.valid(batch)].abs().max() == 0
+
+
+def test_recovery_on_padded_tokens_cuts_the_padding_and_trains():
+    torch.manual_seed(0)
+    teacher = PaddedEncoder().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.linear.weight.mul_(0.5).add_(0.1 * torch.randn_like(student.linear.weight))
+    samples = padded_tokens(256)
+    padding = find_padding(teacher, samples)
+    options = {**Recover.default_options, "max_steps": 60, "lr": 1e-2}
+    before = float(F.cosine_similarity(student(*samples), teacher(*samples)).mean())
+    curve, steps, _ = distil(student, teacher, samples, list(student.linear.parameters()), "cosine", options,
+                             padding=padding)
+    after = float(F.cosine_similarity(student(*samples), teacher(*samples)).mean())
+    assert steps == 60 and curve[-1] < curve[0] and after > before, (before, after)

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from backends.onnxruntime import make_session
+from bench.prune_peers import latency
 from compiler import compile
-from compiler.cli.benchmark import block_ratios, time_side_by_side
 
 logger = logging.getLogger("bench.prune_encoder")
 
@@ -54,29 +53,6 @@ def cosine_row(output: torch.Tensor, reference: torch.Tensor) -> dict:
     cosine = F.cosine_similarity(output.flatten(1), reference.flatten(1), dim=1).double()
     return {"cosine_mean": round(float(cosine.mean()), 4), "cosine_p1": round(float(cosine.quantile(0.01)), 4),
             "cosine_min": round(float(cosine.min()), 4)}
-
-
-def session_runner(compiled, inputs: tuple[torch.Tensor, ...]):
-    """A zero-argument call of a fresh ONNX Runtime session of ``compiled`` on ``inputs``."""
-    session = make_session(compiled.onnx.SerializeToString())
-    feed = {spec.name: value.numpy() for spec, value in zip(session.get_inputs(), inputs, strict=True)}
-    return lambda: session.run(None, feed)
-
-
-def latency(compiled: dict, inputs: tuple[torch.Tensor, ...], batches: tuple[int, ...], runs: int) -> dict:
-    """p50 ms and the ratio to ``unpruned`` (with the spread of block ratios) per batch size."""
-    result = {}
-    for batch in batches:
-        rows = tuple(tensor[:batch].contiguous() for tensor in inputs)
-        stats = time_side_by_side({name: session_runner(model, rows) for name, model in compiled.items()},
-                                  batch, runs=runs)
-        blocks = block_ratios(stats, "unpruned")
-        base = next(item.p50_ms for item in stats if item.runner == "unpruned")
-        result[batch] = {item.runner: {"p50_ms": round(item.p50_ms, 3), "ratio": round(item.p50_ms / base, 3),
-                                       "blocks": [round(min(blocks.get(item.runner, [1])), 3),
-                                                  round(max(blocks.get(item.runner, [1])), 3)]}
-                         for item in stats}
-    return result
 
 
 def pruned(zoo, train: tuple[torch.Tensor, ...], args: argparse.Namespace, options: dict) -> tuple[object, dict]:
@@ -114,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
                       "options": options}
         record[f"{name}_ledger"] = summary
     timing = zoo.eval_data(16, seq_len=args.seq_len)
-    record["latency_fp32"] = latency(compiled, timing, (1, 16), args.runs)
+    record["latency_fp32"] = latency(compiled, timing, (1, 16), args.runs, "unpruned")
     record.update({"rows": rows, "options": vars(args), "machine": platform.processor() or platform.machine(),
                    "torch": torch.__version__, "threads": torch.get_num_threads()})
     return record

@@ -110,18 +110,21 @@ def distil_eager(student: torch.nn.Module, teacher: torch.nn.Module, train: torc
     return {"steps": steps, "seconds": round(spent, 1), "loss_curve": curve}
 
 
-def session_runner(compiled, images: torch.Tensor):
-    """A zero-argument call of a fresh ONNX Runtime session of ``compiled`` on ``images``."""
+def session_runner(compiled, inputs: tuple[torch.Tensor, ...]):
+    """A zero-argument call of a fresh ONNX Runtime session of ``compiled`` on ``inputs``."""
     session = make_session(compiled.onnx.SerializeToString())
-    feed = {session.get_inputs()[0].name: images.numpy()}
+    feed = {spec.name: value.numpy() for spec, value in zip(session.get_inputs(), inputs, strict=True)}
     return lambda: session.run(None, feed)
 
 
-def latency(compiled: dict, images: torch.Tensor, batches: tuple[int, ...], runs: int, reference: str) -> dict:
+def latency(compiled: dict, inputs: torch.Tensor | tuple[torch.Tensor, ...], batches: tuple[int, ...], runs: int,
+            reference: str) -> dict:
     """p50 ms and the ratio to ``reference`` (with the spread of block ratios) per batch size."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
     result = {}
     for batch in batches:
-        runners = {name: session_runner(model, images[:batch]) for name, model in compiled.items()}
+        rows = tuple(tensor[:batch].contiguous() for tensor in inputs)
+        runners = {name: session_runner(model, rows) for name, model in compiled.items()}
         stats = time_side_by_side(runners, batch, runs=runs)
         blocks = block_ratios(stats, reference)
         base = next(item.p50_ms for item in stats if item.runner == reference)

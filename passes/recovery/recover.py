@@ -244,13 +244,13 @@ class _TeacherCache:
     def outputs(self, index: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         missing = index[~self.known[index]]
         if len(missing):
+            inputs = _cut(tuple(tensor[missing] for tensor in self.samples), self.padding)
             with torch.no_grad():
-                fresh = self._run(_cut(tuple(tensor[missing] for tensor in self.samples), self.padding))
+                fresh = self._run(inputs)
             if not self.values:
-                self.values = [value.new_zeros((self.known.shape[0], *self._full(value, token).shape[1:]))
+                self.values = [value.new_zeros((self.known.shape[0], *self._sample_shape(value, token)))
                                for value, token in zip(fresh, self._tokens(fresh), strict=True)]
-            valid = self.padding.valid(self.padding.trim(tuple(t[missing] for t in self.samples))) \
-                if self.padding else None
+            valid = self.padding.valid(inputs) if self.padding else None
             for store, value, token in zip(self.values, fresh, self._tokens(fresh), strict=True):
                 if token:
                     store[missing, :value.shape[1]] = _zero_padding(value, valid)
@@ -290,10 +290,9 @@ class _TeacherCache:
     def _tokens(self, values) -> list[bool]:
         return self.tokens or [False] * len(values)
 
-    def _full(self, value: torch.Tensor, token: bool) -> torch.Tensor:
-        if not token:
-            return value
-        return value.new_empty((value.shape[0], self.padding.length, *value.shape[2:]))
+    def _sample_shape(self, value: torch.Tensor, token: bool) -> tuple[int, ...]:
+        """One sample's stored shape: a token output at the full padded length."""
+        return (self.padding.length, *value.shape[2:]) if token else tuple(value.shape[1:])
 
 
 def _zero_padding(value: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

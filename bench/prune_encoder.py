@@ -25,14 +25,12 @@ import json
 import logging
 import platform
 import time
-import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import models
-from bench.prune_peers import latency
+from bench.prune_peers import latency, pruning_parser, run_and_report
 from compiler import compile
 
 logger = logging.getLogger("bench.prune_encoder")
@@ -109,26 +107,14 @@ def render(record: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--macs", type=float, default=0.3)
-    parser.add_argument("--seconds", type=float, default=180.0)
+    parser = pruning_parser(__doc__.split("\n")[0], "minilm-l6")
     parser.add_argument("--train", type=int, default=1752, help="calibration and training sentences")
     parser.add_argument("--eval", type=int, default=500)
     parser.add_argument("--seq-len", type=int, default=128, help="sequence length of the latency rows")
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--options", default="{}", help="more prune options for the fxpress row, as JSON")
     parser.add_argument("--no-magnitude", action="store_true")
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    record = run(args)
-    print(render(record))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=1, default=lambda value: np.asarray(value).tolist())
-
+    run_and_report(parser.parse_args(), run, render)
 
 if __name__ == "__main__":
     main()

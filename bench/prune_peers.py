@@ -214,11 +214,29 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="efficientnet-lite0")
+def pruning_parser(description: str, model: str) -> argparse.ArgumentParser:
+    """The arguments both pruning benches take: the zoo model, the MAC share removed, the recovery seconds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=model)
     parser.add_argument("--macs", type=float, default=0.3)
     parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--json")
+    return parser
+
+
+def run_and_report(args: argparse.Namespace, run, render) -> None:
+    """Run a bench quietly, print its table, and write its record to ``--json`` when given."""
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    record = run(args)
+    print(render(record))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(record, handle, indent=1, default=lambda value: np.asarray(value).tolist())
+
+
+def main() -> None:
+    parser = pruning_parser(__doc__.split("\n")[0], "efficientnet-lite0")
     parser.add_argument("--train", type=int, default=256, help="training crops (recovery, both pruners)")
     parser.add_argument("--calibration", type=int, default=256,
                         help="the first N training crops are the calibration data (reconstruction, int8)")
@@ -228,16 +246,7 @@ def main() -> None:
                         help="also fxpress with prune={'latency': R, 'latency_batch': 16} (e.g. 0.7)")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
     parser.add_argument("--no-torch-pruning", action="store_true")
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
-    record = run(args)
-    print(render(record))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=1, default=lambda value: np.asarray(value).tolist())
-
+    run_and_report(parser.parse_args(), run, render)
 
 if __name__ == "__main__":
     main()

@@ -118,9 +118,8 @@ def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[t
     deadline = started + options["seconds"]
     limit = options["max_steps"] or math.inf
     targets = _TeacherCache(teacher, train, padding)
-    lengths = padding.lengths(train) if padding is not None else None
     while steps < limit and time.perf_counter() < deadline:
-        for index in _batches(train, options["batch_size"], generator, lengths):
+        for index in _batches(train, options["batch_size"], generator, targets.lengths):
             batch, target = _cut(tuple(tensor[index] for tensor in train), padding), targets.outputs(index)
             loss = _step_loss(targets.masked(student(*batch), batch, bool(points)), target, kind, options,
                               bool(points))
@@ -240,6 +239,7 @@ class _TeacherCache:
         self.values: list[torch.Tensor] = []
         self.known = torch.zeros(samples[0].shape[0], dtype=torch.bool)
         self.tokens = self._token_outputs() if padding is not None else []
+        self.lengths = padding.lengths(samples) if padding is not None else None
 
     def outputs(self, index: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         missing = index[~self.known[index]]
@@ -257,7 +257,7 @@ class _TeacherCache:
                 else:
                     store[missing] = value
             self.known[missing] = True
-        length = int(self.padding.lengths(tuple(t[index] for t in self.samples)).max()) if self.padding else None
+        length = int(self.lengths[index].max()) if self.lengths is not None else None
         taken = tuple(store[index, :length] if token else store[index]
                       for store, token in zip(self.values, self._tokens(self.values), strict=True))
         return taken if self.whole else taken[0]

@@ -199,7 +199,15 @@ def test_recovery_on_padded_tokens_cuts_the_padding_and_trains():
     padding = find_padding(teacher, samples)
     options = {**Recover.default_options, "max_steps": 60, "lr": 1e-2}
     before = float(F.cosine_similarity(student(*samples), teacher(*samples)).mean())
-    curve, steps, _ = distil(student, teacher, samples, list(student.linear.parameters()), "cosine", options,
+    seen = []  # (the batch's length, its longest sentence)
+
+    def recording(ids, mask):
+        seen.append((ids.shape[1], int(mask.sum(1).max())))
+        return student(ids, mask)
+
+    curve, steps, _ = distil(recording, teacher, samples, list(student.linear.parameters()), "cosine", options,
                              padding=padding)
     after = float(F.cosine_similarity(student(*samples), teacher(*samples)).mean())
     assert steps == 60 and curve[-1] < curve[0] and after > before, (before, after)
+    assert all(length == longest for length, longest in seen)  # every batch cut to its longest sentence
+    assert sum(length for length, _ in seen) < 0.8 * 16 * len(seen)  # length-sorted: well under the padded 16

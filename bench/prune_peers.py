@@ -16,7 +16,9 @@ For an ImageNet classifier of the zoo (EfficientNet-Lite0 by default):
 - with ``--latency R``: ``fxpress-latency``, ``prune={"latency": R, "latency_batch": 16}`` (a
   per-layer latency table, global allocation, the pruned copy timed against the unpruned one) with
   the same recovery;
-- with ``--int8``: the unpruned and the fxpress-pruned model compiled to ``cpu-int8``.
+- with ``--int8``: the unpruned and the fxpress-pruned model compiled to ``cpu-int8``; with ``--latency R``
+  too, ``fxpress-int8-latency``: ``compile(model, "cpu-int8", prune={"latency": R, "latency_batch": 16})``,
+  whose layer table and check time ONNX Runtime's integer kernels.
 
 Quality: top-1 agreement with the eager unpruned model on the zoo's evaluation crops (disjoint
 from the calibration/training crops), and on the decisive crops (fp32's top-1 probability beats
@@ -188,6 +190,13 @@ def run(args: argparse.Namespace) -> dict:
                                          calibration_data=data["calibration_data"])}
         int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
                                        prune={"macs": args.macs}, recover_seconds=args.seconds)
+        if args.latency:
+            int8["fxpress-int8-latency"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
+                                                   prune={"latency": args.latency, "latency_batch": 16},
+                                                   recover_seconds=args.seconds)
+            entry = int8["fxpress-int8-latency"].report.entry("prune_channels")
+            record["fxpress_int8_latency_ledger"] = {"latency": entry.stats["latency"], "widths": entry.stats["widths"],
+                                                     "macs_removed": round(1 - entry.macs_after / entry.macs_before, 4)}
         for name, model in int8.items():
             rows[name] = agreement(batched(model, images), reference, decisive)
         record["latency_int8"] = latency(int8, timing_images, (16,), args.runs, "unpruned-int8")

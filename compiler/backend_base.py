@@ -73,8 +73,11 @@ class Backend:
         """The multiple of channels this backend's kernels run fastest at (pruning rounds widths to it)."""
         return 1
 
-    def layer_timer(self) -> Any:
-        """A ``compiler.layer_shapes.LayerTimer`` measuring layers on this backend, or None if it cannot."""
+    def layer_timer(self, precision: str = "float32") -> Any:
+        """A ``compiler.layer_shapes.LayerTimer`` measuring layers on this backend, or None if it cannot.
+
+        ``precision``: ``"float32"``, or ``"int8"`` for a target that runs its layers in integer kernels.
+        """
         return None
 
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

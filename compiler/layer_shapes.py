@@ -54,6 +54,8 @@ class LayerShape:
 class LayerTimer(Protocol):
     """What a backend's ``layer_timer()`` returns."""
 
+    precision: str  # the kernels it times: "float32" or "int8"
+
     def seconds(self, shape: LayerShape) -> float:
         """Seconds one run of ``shape`` takes on this machine."""
         ...

@@ -121,7 +121,8 @@ def run_pipeline(
         ledger.fallbacks.append(f"calibration data given but target {target.name!r} does not calibrate; ignored")
     context = PassContext(inputs, inputs, None, target.name)
     backend = make_backend(target)
-    context.channel_multiple, context.layer_timer = backend.channel_multiple(), backend.layer_timer()
+    context.channel_multiple = backend.channel_multiple()
+    context.layer_timer = backend.layer_timer("int8" if target.quant_policy else "float32")  # what its kernels run
     if target.quant_policy:
         context.quant_policy = _quant_policy(target, ledger)
     if calibrates:

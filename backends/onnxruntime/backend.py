@@ -146,11 +146,11 @@ class OnnxRuntimeBackend(Backend):
         """16 on AVX-512 (MLAS's NCHWc convolutions and int8 GEMMs block by 16), 8 otherwise (AVX2)."""
         return channel_multiple(detect_isa())
 
-    def layer_timer(self) -> Any:
-        """Times conv and linear shapes in ONNX Runtime, once per machine (``layer_latency.LayerTimer``)."""
+    def layer_timer(self, precision: str = "float32") -> Any:
+        """Times conv and linear shapes in ONNX Runtime's float or integer kernels, once per machine."""
         from backends.onnxruntime.layer_latency import LayerTimer  # it imports this module
 
-        return LayerTimer(self.options["intra_op_num_threads"])
+        return LayerTimer(self.options["intra_op_num_threads"], precision=precision)
 
     def emulate(self, graph_module: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The IR with every group ONNX Runtime fuses computed by that kernel's arithmetic (bit-exact on x86-64)."""

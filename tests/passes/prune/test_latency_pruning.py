@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 import models
-from backends.onnxruntime.layer_latency import LayerTimer
+from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, session_options
+from backends.onnxruntime.layer_latency import LayerTimer, _layer_model
 from compiler import TARGETS, PassError, PassSpec, compile, probe
 from compiler.layer_shapes import LayerShape, layer_shapes
 from compiler.pass_base import PassContext
@@ -65,6 +68,30 @@ def test_the_layer_table_is_measured_once_and_kept_on_disk(tmp_path):
     again = LayerTimer(threads=1, table_path=path)
     assert again.seconds(shape) == first and again.measured == 0
     assert json.loads(path.read_text()) == {shape.key(): first}
+
+
+def test_the_int8_table_times_the_integer_kernel_onnx_runtime_fuses(tmp_path):
+    shape = LayerShape("conv", 2, 16, 32, 14, 14, (3, 3), padding=(1, 1))
+    model, feed = _layer_model(shape, "int8")
+    options = session_options("all", 1)
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(DISABLED_OPTIMIZERS)).run(None, feed)
+    assert "QLinearConv" in {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    timer = LayerTimer(threads=1, table_path=tmp_path / "int8.json", precision="int8")
+    assert timer.seconds(shape) > 0 and timer.precision == "int8"
+    with pytest.raises(ValueError, match="precision must be one of float32, int8"):
+        LayerTimer(precision="fp16")
+
+
+def test_a_quantising_target_prunes_to_the_latency_of_its_integer_kernels(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("FXPRESS_CACHE_DIR", str(tmp_path))
+    compiled = compile(digits.model, "cpu-int8", digits.example_inputs, calibration_data=[digits.calibration_data(64)],
+                       prune={"latency": 0.8, "latency_batch": 8, "round_to": 8}, recover_seconds=0)
+    record = compiled.report.entry("prune_channels").stats["latency"]
+    assert record["precision"] == "int8" and record["attempts"][0]["measured"] > 0
+    tables = list((tmp_path / "latency").glob("*.json"))  # its own table, beside no float one
+    assert len(tables) == 1 and tables[0].name.endswith("-int8.json")
 
 
 def test_a_latency_budget_prunes_and_records_the_measured_latency(digits, tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ class BatchNormMatch:
     scale: torch.Tensor  # gamma / sqrt(var + eps), float64
     shift: torch.Tensor  # beta - mean * scale, float64
     mean: torch.Tensor
+    gamma: torch.Tensor  # BatchNorm's weight (ones where it has none), float64
 
 
 def match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[BatchNormMatch | None, str]:
@@ -71,7 +72,8 @@ def _statistics(nodes, output, source, tensors, eps) -> BatchNormMatch:
     weight, bias, mean, var = (t.to(torch.float64) if t is not None else None for t in tensors)
     scale = torch.rsqrt(var + eps) * (weight if weight is not None else 1.0)
     shift = (bias if bias is not None else 0.0) - mean * scale
-    return BatchNormMatch(nodes, output, source, scale, shift, mean)
+    gamma = weight if weight is not None else torch.ones_like(mean)
+    return BatchNormMatch(nodes, output, source, scale, shift, mean, gamma)
 
 
 class FoldBatchNormPass(Pass):
@@ -153,6 +155,7 @@ class FoldBatchNormPass(Pass):
             ir.set_attribute(gm, bias_node.target, new_bias)
         else:
             _attach_bias(gm, anchor, weight_node, new_bias)
+        anchor.meta[meta.BN_GAMMA] = match.gamma.float()  # what BatchNorm-scale pruning ranks channels by
         match.output.replace_all_uses_with(anchor)
         dead = [n for n in match.nodes[0].all_input_nodes if n is not anchor]
         for node in reversed(match.nodes):

@@ -4,6 +4,10 @@
   filters), each member's norms divided by their mean so that no layer dominates by scale. Cheap,
   data-free, and blind to what the channel carries: a channel with small weights and a large
   bias writes a large constant, and cutting it shifts every layer that reads it.
+* ``bn_scale``: the magnitude of the BatchNorm weight (gamma) that scaled each channel, as network
+  slimming ranks channels; the folding passes record it on the conv or linear that absorbed the
+  BatchNorm. Data-free; a group with no folded BatchNorm is scored by ``l2`` instead (the pass's
+  ledger lists those groups).
 * ``taylor``: first-order Taylor on calibration data, ``|sum(w * dL/dw)|`` over each channel's
   rows, with the model's own loss (cross-entropy to its top class; no labels needed).
 * ``reconstruction`` (data-aware): the error each reader's output gains when the channel is removed
@@ -33,7 +37,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from compiler import ir
+from compiler import ir, meta
 from compiler.errors import PassError
 from passes.prune.groups import ChannelGroup
 
@@ -41,7 +45,7 @@ WEIGHT_NORMS = {
     "l1": lambda rows: rows.abs().sum(dim=1),
     "l2": lambda rows: rows.pow(2).sum(dim=1).sqrt(),
 }
-KINDS = (*WEIGHT_NORMS, "taylor", "reconstruction")
+KINDS = (*WEIGHT_NORMS, "bn_scale", "taylor", "reconstruction")
 _RIDGE = 1e-3
 #: The fewest rows (samples x positions) per input column for a least-squares re-fit that generalises.
 ROWS_PER_WEIGHT = 4
@@ -58,6 +62,8 @@ def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str, samples: t
     """
     if kind in WEIGHT_NORMS:
         return [_norm_score(gm, group, kind) for group in groups]
+    if kind == "bn_scale":
+        return [_bn_scale_score(gm, group) if _gammas(gm, group) else _norm_score(gm, group, "l2") for group in groups]
     if samples is None:
         raise PassError(f"importance {kind!r} measures channels on calibration data: pass "
                         "calibration_data, or choose importance 'l1' or 'l2'")
@@ -127,6 +133,27 @@ def _norm_score(gm: fx.GraphModule, group: ChannelGroup, kind: str) -> torch.Ten
         norms = WEIGHT_NORMS[kind](_row_blocks(weight, member.per_channel))
         total += norms / norms.mean().clamp(min=1e-12)
     return total
+
+
+def _bn_scale_score(gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+    """Per channel, |gamma| of each folded BatchNorm that scaled it, each member's divided by its mean."""
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    for gamma in _gammas(gm, group):
+        magnitude = gamma.double().abs()
+        total += magnitude / magnitude.mean().clamp(min=1e-12)
+    return total
+
+
+def _gammas(gm: fx.GraphModule, group: ChannelGroup) -> list[torch.Tensor]:
+    """The recorded BatchNorm gammas of the group's writers (one value per channel each)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    found = (nodes[member.node].meta.get(meta.BN_GAMMA) for member in group.members if member.role in _WRITERS)
+    return [gamma for gamma in found if gamma is not None and gamma.numel() == group.channels]
+
+
+def without_batch_norm(gm: fx.GraphModule, groups: list[ChannelGroup]) -> list[str]:
+    """Module paths of the groups ``bn_scale`` cannot score by a BatchNorm (they fall back to ``l2``)."""
+    return [group.members[0].module_path or "<root>" for group in groups if not _gammas(gm, group)]
 
 
 def _row_blocks(weight: torch.Tensor, per_channel: int) -> torch.Tensor:

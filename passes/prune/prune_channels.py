@@ -1,8 +1,9 @@
 """Structured channel pruning to a MAC or parameter budget: whole channels leave every weight that touches them.
 
 For every prunable coupled group (:mod:`passes.prune.groups`) the channels are scored
-(:mod:`passes.prune.importance`: ``l1``/``l2`` weight norms, or ``reconstruction``, the measured
-error their removal leaves in the layers that read them). The kept channels are chosen by
+(:mod:`passes.prune.importance`: ``l1``/``l2`` weight norms, ``bn_scale`` (folded BatchNorm gammas),
+``taylor``, or ``reconstruction``, the measured error their removal leaves in the layers that read
+them). The kept channels are chosen by
 
 * ``allocation="uniform"`` (the default for a MAC or parameter budget): the same share of every group; or
 * ``allocation="global"`` (the default for a latency budget): one threshold on score per MAC
@@ -138,6 +139,8 @@ class PruneChannels(Pass):
         stats: dict = {"budget": {kind: self.options[kind]}}
         samples, valid = self._data(gm, ctx.calibration_data, stats) if needs_data else (None, None)
         scores = importance.scores(gm, groups, self.options["importance"], samples, valid=valid)
+        if self.options["importance"] == "bn_scale" and (unscaled := importance.without_batch_norm(gm, groups)):
+            stats["scored_by_l2"] = unscaled  # no folded BatchNorm to read a scale from
         self.shapes = layer_shapes(gm, self.batch) if kind == "latency" else {}  # the unpruned layers, read once
         costs = [self._channel_cost(gm, group, kind) for group in groups]
         if kind == "latency":
@@ -376,6 +379,8 @@ def _mark_kept(gm: fx.GraphModule, group: ChannelGroup, keep: torch.Tensor) -> N
         dim = _FEATURE_DIM.get(ir.op_name(node))
         if member.role in ("out", "depthwise", "norm") and dim is not None:
             node.meta[meta.KEPT_FEATURES] = {"dim": dim, "index": features(keep, member.per_channel)}
+        if member.role in ("out", "depthwise") and meta.BN_GAMMA in node.meta:
+            node.meta[meta.BN_GAMMA] = node.meta[meta.BN_GAMMA][features(keep, member.per_channel)]
 
 
 class _WidthCost:

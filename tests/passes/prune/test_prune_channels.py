@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import models
-from compiler import TARGETS, PassError, PassSpec, compile
+from compiler import TARGETS, PassError, PassSpec, compile, meta
 from compiler.pipeline import run_pipeline
 
 
@@ -51,7 +51,7 @@ def test_cutting_channels_that_carry_zero_changes_nothing(digits):
     assert (10, 16 * 4 * 4) in weights.values()  # the classifier lost 16 blocks of 16 columns
 
 
-@pytest.mark.parametrize("importance", ["l2", "taylor", "reconstruction"])
+@pytest.mark.parametrize("importance", ["l2", "bn_scale", "taylor", "reconstruction"])
 def test_every_importance_finds_the_channels_that_carry_zero(digits, importance):
     model = with_dead_channels(digits.model, 16)
     calibration = digits.calibration_data(64)
@@ -66,6 +66,33 @@ def test_every_importance_finds_the_channels_that_carry_zero(digits, importance)
     # 64 samples are too few rows for the classifier's 256 remaining columns: left as cut, and said so
     assert entry.stats["reconstruction"]["layers_fitted"] == 0
     assert "fewer than 4 calibration rows per input weight" in next(iter(entry.stats["reconstruction"]["skipped"]))
+
+
+def test_bn_scale_ranks_by_the_folded_batchnorms_gamma_not_by_the_folded_weight(digits):
+    model = copy.deepcopy(digits.model).eval()
+    with torch.no_grad():  # channels 0-15: small gamma over a small deviation, so the folded weight stays as large
+        model.bn2.weight.fill_(1.0)
+        model.bn2.running_var.fill_(1.0 - model.bn2.eps)
+        model.bn2.weight[:16] = 0.01
+        model.bn2.running_var[:16] = 1e-4 - model.bn2.eps
+    kept = {}
+    for importance in ("l2", "bn_scale"):
+        result = run_pipeline(model, pruning_target(macs=0.3, importance=importance, round_to=16, reconstruct=False),
+                              digits.example_inputs)
+        conv2 = next(node for node in result.graph_module.graph.nodes if node.name == "conv2d_1")
+        kept[importance] = conv2.meta[meta.KEPT_FEATURES]["index"].tolist()
+        if importance == "bn_scale":  # the recorded gammas lost the same channels
+            assert conv2.meta[meta.BN_GAMMA].tolist() == [1.0] * 16
+            assert "scored_by_l2" not in result.ledger.entry("prune_channels").stats
+    assert kept["bn_scale"] == list(range(16, 32)) and kept["l2"] != kept["bn_scale"]
+
+
+def test_bn_scale_scores_a_group_without_batchnorm_by_l2_and_says_so():
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    result = run_pipeline(model, pruning_target(params=0.3, importance="bn_scale", round_to=8, reconstruct=False),
+                          (torch.randn(2, 8),))
+    entry = result.ledger.entry("prune_channels")
+    assert entry.stats["scored_by_l2"] == ["0"] and entry.stats["widths"]["0"][1] < 32
 
 
 def test_reconstruction_brings_a_pruned_model_closer_than_cutting_alone(digits):

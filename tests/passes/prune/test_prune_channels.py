@@ -214,7 +214,7 @@ def test_protected_groups_are_left_whole_and_say_so(digits):
     ({"macs": 1.0}, "fraction of MACs to remove"),
     ({"macs": True}, "fraction of MACs to remove"),
     ({"params": 1.5}, "fraction of parameters to remove"),
-    ({"importance": "fisher"}, "importance 'fisher' is not one of l1, l2, taylor, reconstruction"),
+    ({"importance": "fisher"}, "importance 'fisher' is not one of l1, l2, bn_scale, taylor, reconstruction"),
     ({"round_to": 0}, "round_to must be 'auto' or a positive integer"),
     ({"macs": 0.3, "params": 0.3}, "give one budget"),
     ({"allocation": "by-hand"}, "allocation must be 'auto'"),

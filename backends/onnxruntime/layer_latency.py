@@ -15,9 +15,9 @@ Runtime fuses into ``QLinearConv``/``QGemm`` (uint8 activations, int8 per-channe
 bias), only the integer kernel counted; whole IRs are quantised with ONNX Runtime's own
 ``quantize_static`` before they are compared. Integer kernels scale differently from float ones:
 measured on EfficientNet-Lite0 at batch 16, a uniform -30% MAC cut ran the float model at 0.74x and
-the int8 model at 0.82x, and an int8 1x1 conv 16->96 at 112x112 took 2.41 ms alone and 2.36 ms
-inside the model (a depthwise 3x3 at 96 channels 2.67 and 1.87 ms), so an int8 target needs its
-own table.
+the int8 model at 0.82x. Timed alone, int8 layers come near their time inside the model: a 1x1 conv
+16->96 at 112x112 took 2.4-3.0 ms alone (two runs) and 2.36 ms inside it, a depthwise 3x3 stride 2
+at 96 channels 1.85-2.67 ms alone and 1.87 inside. An int8 target needs its own table.
 """
 
 from __future__ import annotations

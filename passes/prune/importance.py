@@ -63,7 +63,8 @@ def scores(gm: fx.GraphModule, groups: list[ChannelGroup], kind: str, samples: t
     if kind in WEIGHT_NORMS:
         return [_norm_score(gm, group, kind) for group in groups]
     if kind == "bn_scale":
-        return [_bn_scale_score(gm, group) if _gammas(gm, group) else _norm_score(gm, group, "l2") for group in groups]
+        return [_bn_scale_score(group, gammas) if (gammas := _gammas(gm, group)) else _norm_score(gm, group, "l2")
+                for group in groups]
     if samples is None:
         raise PassError(f"importance {kind!r} measures channels on calibration data: pass "
                         "calibration_data, or choose importance 'l1' or 'l2'")
@@ -135,10 +136,10 @@ def _norm_score(gm: fx.GraphModule, group: ChannelGroup, kind: str) -> torch.Ten
     return total
 
 
-def _bn_scale_score(gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
+def _bn_scale_score(group: ChannelGroup, gammas: list[torch.Tensor]) -> torch.Tensor:
     """Per channel, |gamma| of each folded BatchNorm that scaled it, each member's divided by its mean."""
     total = torch.zeros(group.channels, dtype=torch.float64)
-    for gamma in _gammas(gm, group):
+    for gamma in gammas:
         magnitude = gamma.double().abs()
         total += magnitude / magnitude.mean().clamp(min=1e-12)
     return total
@@ -146,8 +147,8 @@ def _bn_scale_score(gm: fx.GraphModule, group: ChannelGroup) -> torch.Tensor:
 
 def _gammas(gm: fx.GraphModule, group: ChannelGroup) -> list[torch.Tensor]:
     """The recorded BatchNorm gammas of the group's writers (one value per channel each)."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    found = (nodes[member.node].meta.get(meta.BN_GAMMA) for member in group.members if member.role in _WRITERS)
+    writers = {member.node for member in group.members if member.role in _WRITERS}
+    found = (node.meta.get(meta.BN_GAMMA) for node in gm.graph.nodes if node.name in writers)
     return [gamma for gamma in found if gamma is not None and gamma.numel() == group.channels]
 
 

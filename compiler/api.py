@@ -19,7 +19,7 @@ from compiler.compiled import CompiledModel
 from compiler.errors import AccuracyError, ArtifactError, EmulationError, FallbackError, FxpressError
 from compiler.manifest import build_manifest
 from compiler.pipeline import PipelineResult, make_backend, registry, run_pipeline
-from compiler.pruning_options import pruning_passes
+from compiler.pruning_options import compression_passes
 from compiler.report import Ledger
 from compiler.targets import Target, get_target
 
@@ -39,6 +39,7 @@ def compile(  # noqa: A001 - the product's name for it
     strict: bool = False,
     progress: Callable[[str], None] | None = None,
     prune: dict | None = None,
+    low_rank: dict | None = None,
     train_data: object = None,
     recover_seconds: float = 180.0,
 ) -> CompiledModel:
@@ -71,15 +72,22 @@ def compile(  # noqa: A001 - the product's name for it
             ``"reconstruct"`` (``"readers"``, ``"all"`` or False: least-squares re-fit on calibration
             data). Unstructured: ``{"sparsity": 0.5}`` or ``{"threshold": 1e-3}`` (zeroes weights; no
             speed-up on ONNX Runtime).
-        train_data: unlabelled batches for recovery after pruning; default: ``calibration_data``.
-        recover_seconds: wall-clock budget of distillation recovery after pruning (0 skips it).
+        low_rank: low-rank factorisation before quantisation (after pruning): ``{"macs": 0.3}`` or
+            ``{"params": 0.3}`` (the share of the conv and linear layers' MACs or weights to remove) or
+            ``{"energy": 0.95}`` (per layer, the share of its output energy on the calibration data to
+            keep), with ``"method"`` (``"activation"``, the output-aware default, or ``"svd"``),
+            ``"allocation"`` (``"sensitivity"``, measured per layer, or ``"uniform"``), ``"protect"``
+            (fnmatch patterns of layers left whole), ``"round_to"`` (``"auto"``: the backend's kernel
+            block) and ``"refit"`` (sequential reduced-rank regression on the factorised model's inputs).
+        train_data: unlabelled batches for recovery after pruning or factorisation; default: ``calibration_data``.
+        recover_seconds: wall-clock budget of distillation recovery after pruning or factorisation (0 skips it).
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     backend_target = get_target(target)
     backend = make_backend(backend_target)  # a bad backend option fails now, not after the passes
-    extra = pruning_passes(prune, recover_seconds)
+    extra = compression_passes(prune, low_rank, recover_seconds)
     if extra and calibration_data is None and train_data is not None:
         calibration_data = train_data  # recovery reads the calibration slot when no other data is given
     result = run_pipeline(

@@ -1,7 +1,8 @@
-"""The ``prune=`` and ``recover_seconds=`` arguments of ``compile()``, turned into passes of the target.
+"""The ``prune=``, ``low_rank=`` and ``recover_seconds=`` arguments of ``compile()``, turned into passes.
 
-Pruning (then a cleanup, then distillation recovery) goes after the target's float cleanup and
-fusion passes and before any quantisation pass, so a pruned model is calibrated as it will run.
+Pruning (then a cleanup), low-rank factorisation, then one distillation recovery go after the
+target's float cleanup and fusion passes and before any quantisation pass, so a compressed model is
+calibrated as it will run.
 """
 
 from __future__ import annotations
@@ -18,13 +19,44 @@ _UNSTRUCTURED = ("sparsity", "threshold")
 _OPTIONS = ("latency_batch", "importance", "protect", "round_to", "reconstruct", "reconstruct_samples", "allocation",
             "max_prune")
 _UNSTRUCTURED_OPTIONS = ("scope", "protect")
+_LOW_RANK_BUDGETS = ("macs", "params", "energy")
+_LOW_RANK_OPTIONS = ("method", "allocation", "round_to", "protect", "refit", "samples", "probe_samples",
+                     "savings_only")
 _QUANTISATION_PASSES = ("calibrate", "gptq", "quant_sensitivity", "bias_correction", "insert_qdq")
 
 
-def pruning_passes(prune: Mapping[str, Any] | None, recover_seconds: float) -> tuple[PassSpec, ...]:
-    """The passes ``prune`` and ``recover_seconds`` ask for; none when ``prune`` is None."""
-    if prune is None:
+def compression_passes(prune: Mapping[str, Any] | None, low_rank: Mapping[str, Any] | None,
+                       recover_seconds: float) -> tuple[PassSpec, ...]:
+    """The passes ``prune``, ``low_rank`` and ``recover_seconds`` ask for; none when both are None."""
+    if prune is None and low_rank is None:
         return ()
+    if isinstance(recover_seconds, bool) or not isinstance(recover_seconds, (int, float)) or recover_seconds < 0:
+        raise TargetError(f"recover_seconds must be a number >= 0, got {recover_seconds!r}")
+    passes = [*_pruning(prune), *_low_rank(low_rank)]
+    if recover_seconds > 0:
+        passes.append(PassSpec("recover", {"seconds": float(recover_seconds)}))
+    return tuple(passes)
+
+
+def _low_rank(low_rank: Mapping[str, Any] | None) -> list[PassSpec]:
+    if low_rank is None:
+        return []
+    if not isinstance(low_rank, Mapping):
+        raise TargetError(f"low_rank must be a dict such as {{'macs': 0.3}}, got {type(low_rank).__name__}")
+    known = _LOW_RANK_BUDGETS + _LOW_RANK_OPTIONS
+    if unknown := sorted(set(low_rank) - set(known)):
+        raise TargetError(f"low_rank has no key(s) {', '.join(unknown)}; keys: {', '.join(known)}")
+    budgets = [key for key in _LOW_RANK_BUDGETS if key in low_rank]
+    if len(budgets) != 1:
+        raise TargetError("low_rank needs one budget: {'macs': share of the conv and linear MACs to remove}, "
+                          "{'params': share of their weights to remove} or {'energy': share of each layer's "
+                          f"output energy to keep, e.g. 0.95}}; got {budgets or 'none'}")
+    return [PassSpec("low_rank", dict(low_rank))]
+
+
+def _pruning(prune: Mapping[str, Any] | None) -> list[PassSpec]:
+    if prune is None:
+        return []
     if not isinstance(prune, Mapping):
         raise TargetError(f"prune must be a dict such as {{'macs': 0.3}}, got {type(prune).__name__}")
     known = _BUDGETS + _UNSTRUCTURED + _OPTIONS + _UNSTRUCTURED_OPTIONS
@@ -37,18 +69,12 @@ def pruning_passes(prune: Mapping[str, Any] | None, recover_seconds: float) -> t
                           "parameters to remove}, {'latency': share of the unpruned latency to reach, e.g. 0.7}, or "
                           "unstructured {'sparsity': fraction of weights zeroed} / "
                           f"{{'threshold': magnitude}}; got {budgets or 'none'}")
-    if isinstance(recover_seconds, bool) or not isinstance(recover_seconds, (int, float)) or recover_seconds < 0:
-        raise TargetError(f"recover_seconds must be a number >= 0, got {recover_seconds!r}")
     if budgets[0] in _UNSTRUCTURED:
         if misplaced := sorted(set(prune) - set(_UNSTRUCTURED) - set(_UNSTRUCTURED_OPTIONS)):
             raise TargetError(f"prune key(s) {', '.join(misplaced)} belong to structured pruning, not to "
                               f"{budgets[0]!r}; unstructured options: {', '.join(_UNSTRUCTURED_OPTIONS)}")
-        passes = [PassSpec("sparsify_weights", dict(prune))]
-    else:
-        passes = [PassSpec("prune_channels", dict(prune)), PassSpec("eliminate_dead_code")]
-    if recover_seconds > 0:
-        passes.append(PassSpec("recover", {"seconds": float(recover_seconds)}))
-    return tuple(passes)
+        return [PassSpec("sparsify_weights", dict(prune))]
+    return [PassSpec("prune_channels", dict(prune)), PassSpec("eliminate_dead_code")]
 
 
 def with_passes(target: Target, extra: tuple[PassSpec, ...]) -> Target:

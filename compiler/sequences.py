@@ -103,3 +103,35 @@ def _is_token_input(tensor: torch.Tensor, shape: torch.Size) -> bool:
 
 def _first(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def calibration_samples(model, data, count: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, dict | None]:
+    """The first samples of ``data`` (batches) to fit on; for padded token data, their real-token mask.
+
+    Returns ``(samples, valid, padding)``: ``count`` samples concatenated, or, where
+    :func:`find_padding` finds padding that ``model`` ignores, the first samples whose real tokens
+    reach as many as ``count`` full-length samples hold, cut to the longest of them, with ``valid``
+    marking their real positions and ``padding`` describing it for a ledger (else both None).
+    """
+    samples = _first_samples(data, count)
+    padding = find_padding(model, samples)
+    if padding is None:
+        return samples, None, None
+    samples = padding.trim(_first_samples(data, count * padding.length, padding))
+    valid = padding.valid(samples)
+    return samples, valid, {"mask_input": padding.mask_index, "samples": int(valid.shape[0]),
+                            "real_tokens": int(valid.sum()), "padded_length": padding.length}
+
+
+def _first_samples(data, count: int, padding: Padding | None = None) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` samples of the batches, concatenated; with ``padding``, ``count`` real tokens."""
+    batches, total = [], 0
+    for batch in data:
+        batches.append(batch)
+        total += int(padding.lengths(batch).sum()) if padding is not None else batch[0].shape[0]
+        if total >= count:
+            break
+    samples = tuple(torch.cat([batch[i] for batch in batches]) for i in range(len(batches[0])))
+    if padding is not None:  # the first samples whose real tokens reach ``count``
+        count = int(torch.searchsorted(padding.lengths(samples).cumsum(0), count)) + 1
+    return tuple(tensor[:count] for tensor in samples)

@@ -12,6 +12,7 @@ from passes.cleanup.remove_noops import RemoveNoops
 from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
+from passes.low_rank.low_rank import LowRank
 from passes.prune.prune_channels import PruneChannels
 from passes.prune.sparsify_weights import SparsifyWeights
 from passes.quant.bias_correction import BiasCorrection
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Pass]] = {
         MarkActivationFusion,
         PruneChannels,
         SparsifyWeights,
+        LowRank,
         Recover,
         Calibrate,
         InsertQDQ,

@@ -231,14 +231,15 @@ def _rewrite(graph: ir.Graph, group: list[_Linear], prefix: str) -> None:
     """Replace the group's Linears: one DynamicQuantizeMatMul, or for several a shared quantisation."""
     quantized = [quantize_weight(linear.weight, linear.bits) for linear in group]
     first = group[0].nodes[0]
+    activation = first.inputs[0]  # read now: rewriting a Linear that feeds this one replaced the value matched
     if len(group) == 1:
         (weight, scale), linear = quantized[0], group[0]
-        inputs = [linear.a, *_weight_inputs(graph, prefix, weight, scale, linear.bias, zero_point=True)]
+        inputs = [activation, *_weight_inputs(graph, prefix, weight, scale, linear.bias, zero_point=True)]
         new_nodes = [ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, version=1,
                              name=f"{linear.name}/DynamicQuantizeMatMul")]
         outputs = new_nodes[0].outputs
     else:
-        quantize = ir.node("DynamicQuantizeLinear", [group[0].a], num_outputs=3,
+        quantize = ir.node("DynamicQuantizeLinear", [activation], num_outputs=3,
                            name=f"{group[0].name}/DynamicQuantizeLinear")
         a_q, a_scale, a_zero_point = quantize.outputs
         new_nodes = [quantize]

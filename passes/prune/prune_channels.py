@@ -53,7 +53,7 @@ from compiler import ir, meta, probe
 from compiler.errors import PassError
 from compiler.layer_shapes import LayerShape, layer_shapes, predicted_seconds
 from compiler.pass_base import Pass, PassContext, PassResult
-from compiler.sequences import Padding, find_padding
+from compiler.sequences import calibration_samples
 from passes.prune import importance
 from passes.prune.groups import ChannelGroup, Member, channel_groups
 from passes.prune.reconstruct import reconstruct
@@ -166,20 +166,17 @@ class PruneChannels(Pass):
     def _data(self, gm: fx.GraphModule, data, stats: dict) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """Calibration samples for scoring and re-fitting, and the mask of their real tokens (None: all real).
 
-        Padded token data (:mod:`compiler.sequences`) is cut to its longest sentence and read for as
-        many real tokens as ``reconstruct_samples`` full-length samples hold (measured on MiniLM at -30%
-        MACs before recovery: 128 padded sentences left cosine 0.864 to the unpruned embeddings, the
-        real tokens of 1024 sentences 0.963).
+        Padded token data is read for as many real tokens as ``reconstruct_samples`` full-length
+        samples hold (:func:`compiler.sequences.calibration_samples`; measured on MiniLM at -30% MACs
+        before recovery: 128 padded sentences left cosine 0.864 to the unpruned embeddings, the real
+        tokens of 1024 sentences 0.963).
         """
-        count = self.options["reconstruct_samples"]
-        samples = _samples(data, count)
-        padding = find_padding(gm, samples)
-        if padding is None:
-            return samples, None
-        samples = padding.trim(_samples(data, count * padding.length, padding))
-        valid = padding.valid(samples)
-        stats["padding"] = {"mask_input": padding.mask_index, "samples": int(valid.shape[0]),
-                            "real_tokens": int(valid.sum()), "padded_length": padding.length}
+        if data is None:
+            raise PassError("pass 'prune_channels' measures and re-fits channels on calibration data: pass "
+                            "calibration_data, or prune with importance='l1' and reconstruct=False")
+        samples, valid, padding = calibration_samples(gm, data, self.options["reconstruct_samples"])
+        if padding is not None:
+            stats["padding"] = padding
         return samples, valid
 
     def _latency_share(self, gm, groups, scores, costs, inputs, stats: dict) -> float:
@@ -416,23 +413,6 @@ def narrower(shape: LayerShape, member: Member, channels: int) -> LayerShape:
 def _batched(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
     """``inputs`` repeated along dimension 0 to ``batch`` rows."""
     return tuple(torch.cat([value] * math.ceil(batch / value.shape[0]))[:batch] for value in inputs)
-
-
-def _samples(data, count: int, padding: Padding | None = None) -> tuple[torch.Tensor, ...]:
-    """The first ``count`` samples of the calibration batches, concatenated; with ``padding``, ``count`` real tokens."""
-    if data is None:
-        raise PassError("pass 'prune_channels' measures and re-fits channels on calibration data: pass "
-                        "calibration_data, or prune with importance='l1' and reconstruct=False")
-    batches, total = [], 0
-    for batch in data:
-        batches.append(batch)
-        total += int(padding.lengths(batch).sum()) if padding is not None else batch[0].shape[0]
-        if total >= count:
-            break
-    samples = tuple(torch.cat([batch[i] for batch in batches]) for i in range(len(batches[0])))
-    if padding is not None:  # the first samples whose real tokens reach ``count``
-        count = int(torch.searchsorted(padding.lengths(samples).cumsum(0), count)) + 1
-    return tuple(tensor[:count] for tensor in samples)
 
 
 def _rounded(channels: int, wanted: int, round_to: int) -> int:

@@ -42,12 +42,13 @@ _BATCH_NORM = ("aten.batch_norm", "aten._native_batch_norm_legit_no_training")
 
 def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
                 fit: set[str], rows: dict[str, torch.Tensor], *, ridge: float = 1e-3, max_rows: int = 65536,
-                seed: int = 0, valid: torch.Tensor | None = None) -> dict:
+                seed: int = 0, valid: torch.Tensor | None = None, fitter=None) -> dict:
     """Re-fit the nodes named in ``fit`` of ``student`` towards ``reference`` (same graph, unpruned).
 
     ``rows`` maps each pruned writer to the output channels it kept (its target is sliced to them).
     ``valid`` (a bool ``(batch, length)`` mask of real tokens, :mod:`compiler.sequences`) keeps a
-    linear's padded positions out of its fit.
+    linear's padded positions out of its fit. ``fitter`` replaces the least-squares fit of one layer
+    (same arguments as :func:`fit_layer`; low-rank factorisation fits a rank-limited layer so).
 
     Returns counters for the ledger: layers fitted, skipped (with reasons), and the mean relative
     output error of the fitted layers before and after.
@@ -74,7 +75,7 @@ def reconstruct(student: fx.GraphModule, reference: fx.GraphModule, inputs: tupl
                 if node.name in rows:
                     kept = _kept_features(student, node, rows[node.name])
                     target = target.index_select(1 if ir.op_name(node) == "aten.conv2d" else -1, kept)
-                reason = _fit(student, node, student_env, target, ridge, max_rows, generator, valid)
+                reason = (fitter or fit_layer)(student, node, student_env, target, ridge, max_rows, generator, valid)
                 if isinstance(reason, str):
                     skipped[reason] = skipped.get(reason, 0) + 1
                 else:
@@ -146,9 +147,12 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> obje
     return gm.get_submodule(node.target)(*args, **kwargs)
 
 
-def _fit(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, generator,
+def fit_layer(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, generator,
          valid: torch.Tensor | None = None) -> str | tuple[float, float]:
-    """Least-squares weights for one conv/linear; a reason string when it cannot be fitted."""
+    """Least-squares weights for one conv/linear of ``gm`` on its input in ``env``; a reason when it cannot be fitted.
+
+    Returns the layer's relative output error against ``target`` before and after the fit.
+    """
     name = ir.op_name(node)
     weight_node = node.args[1]
     bias_node = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -177,7 +181,7 @@ def _fit(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, gener
         rows, targets = rows[pick], targets[pick]
     bias = ir.get_attribute(gm, bias_node.target) if bias_node is not None else None
     old = _predict(rows, weight.reshape(weight.shape[0], -1), bias)
-    solution = _least_squares(rows.double(), targets.double(), with_bias=bias is not None, ridge=ridge)
+    solution = least_squares(rows.double(), targets.double(), with_bias=bias is not None, ridge=ridge)
     new_weight = solution[: rows.shape[1]].T.to(weight.dtype)
     new_bias = solution[rows.shape[1]].to(weight.dtype) if bias is not None else None
     new = _predict(rows, new_weight, new_bias)
@@ -227,7 +231,8 @@ def _fit_depthwise(gm, node, source, target, ridge: float, max_rows: int, genera
     return error_before, error_after
 
 
-def _least_squares(rows: torch.Tensor, targets: torch.Tensor, *, with_bias: bool, ridge: float) -> torch.Tensor:
+def least_squares(rows: torch.Tensor, targets: torch.Tensor, *, with_bias: bool, ridge: float) -> torch.Tensor:
+    """``[W^T; b]`` minimising ``||[rows, 1] [W^T; b] - targets||^2`` plus a ridge of ``ridge`` x the mean diagonal."""
     if with_bias:
         rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
     gram = rows.T @ rows

@@ -171,3 +171,17 @@ def test_model_without_linears_unchanged():
     quantized, stats = quantize_dynamic_linears(model, NO_VNNI)
     assert quantized is model
     assert stats["matmuls"] == 0 and stats["activation_quantizations"] == 0 and stats["weight_bits"] == {}
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_linear_feeding_a_linear_directly(fuse):
+    """Two Linears in a row (a factorised layer): the second reads the first's quantised output, a valid graph."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(32, 8, bias=False), nn.Linear(8, 16), nn.Linear(16, 4)).eval()
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    quantized, stats = quantize_dynamic_linears(_export(module, x), VNNI, fuse_shared_input=fuse)
+    onnx.checker.check_model(quantized, full_check=True)
+    assert stats["matmuls"] == 3 and len(_integer_nodes(quantized)) == 3
+    with torch.no_grad():
+        reference = module(x).numpy()
+    assert np.abs(_run(quantized, x) - reference).max() <= 0.03 * np.abs(reference).max()

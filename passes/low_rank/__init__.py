@@ -1,0 +1,1 @@
+"""Low-rank factorisation: the arithmetic (``factors``), layers and ranks (``layers``), the pass (``low_rank``)."""

@@ -21,7 +21,7 @@ _OPTIONS = ("latency_batch", "importance", "protect", "round_to", "reconstruct",
 _UNSTRUCTURED_OPTIONS = ("scope", "protect")
 _LOW_RANK_BUDGETS = ("macs", "params", "energy")
 _LOW_RANK_OPTIONS = ("method", "allocation", "round_to", "protect", "refit", "samples", "probe_samples",
-                     "savings_only")
+                     "savings_only", "weighting")
 _QUANTISATION_PASSES = ("calibrate", "gptq", "quant_sensitivity", "bias_correction", "insert_qdq")
 
 

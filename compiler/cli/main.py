@@ -96,11 +96,15 @@ def _target_steps(target: str) -> int:
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
 @click.option("--prune-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Prune channels until this fraction of the MACs is gone (e.g. 0.3), before any quantisation.")
+@click.option("--low-rank-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Factorise convs and linears into low-rank chains until this fraction of their MACs is gone "
+                   "(e.g. 0.3), after any pruning and before any quantisation.")
 @click.option("--recover-seconds", type=click.FloatRange(0), default=180.0, show_default=True,
-              help="After pruning, distil towards the original on the zoo's bundled samples for this long.")
+              help="After pruning or factorisation, distil towards the original on the zoo's bundled samples "
+                   "for this long.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
-                    prune_macs, recover_seconds, as_json) -> None:
+                    prune_macs, low_rank_macs, recover_seconds, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -109,6 +113,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
       fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
       fxpress compile digits-cnn -o out-pruned/ --prune-macs 0.5 --recover-seconds 30
+      fxpress compile minilm-l6 -o out-low-rank/ --low-rank-macs 0.3
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api
     from compiler.artifact import check_destination
@@ -117,13 +122,16 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
     chosen = _with_float_modules(target, float_modules)
-    recovers = prune_macs is not None and recover_seconds > 0
-    calibration = _calibration(source, chosen, calibration_samples, recovers)
+    compresses = prune_macs is not None or low_rank_macs is not None
+    calibration = _calibration(source, chosen, calibration_samples, compresses and recover_seconds > 0,
+                               low_rank_macs is not None)
     prune = None if prune_macs is None else {"macs": prune_macs}
+    low_rank = None if low_rank_macs is None else {"macs": low_rank_macs}
     with _progress(_target_steps(target), f"compiling {source.name}") as step:
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
                                dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
-                               strict=strict, progress=step, prune=prune, recover_seconds=recover_seconds)
+                               strict=strict, progress=step, prune=prune, low_rank=low_rank,
+                               recover_seconds=recover_seconds)
     directory = compiled.save(output, force=force)
     if as_json:
         click.echo(json.dumps({"artifact": str(directory), "report": compiled.report.to_dict()}, indent=2))
@@ -148,17 +156,20 @@ def _with_float_modules(target: str, float_modules: tuple[str, ...]):
     return dataclasses.replace(chosen, quant_policy=policy)
 
 
-def _calibration(source, target, samples: int, recovers: bool = False):
-    """The zoo model's bundled calibration samples when the target calibrates or pruning recovers, else None."""
+def _calibration(source, target, samples: int, recovers: bool = False, factorises: bool = False):
+    """The zoo model's bundled calibration samples where the target, recovery or low-rank factorisation reads data."""
     from compiler.errors import UsageError
 
-    if not recovers and "calibrate" not in {spec.name for spec in target.pipeline}:
+    if not (recovers or factorises) and "calibrate" not in {spec.name for spec in target.pipeline}:
         return None
     if source.zoo_entry is None:
-        needs = "recovery after pruning needs data" if recovers else f"target {target.name!r} calibrates"
+        needs = ("recovery after pruning or factorisation needs data" if recovers else
+                 "low-rank factorisation measures layers on data" if factorises else
+                 f"target {target.name!r} calibrates")
         raise UsageError(
             f"{needs} and {source.name!r} is not a zoo model with bundled data; use the Python API: "
-            "compile(model, target, example_inputs, calibration_data=batches), or --recover-seconds 0"
+            "compile(model, target, example_inputs, calibration_data=batches)"
+            + (", or --recover-seconds 0" if recovers and not factorises else "")
         )
     batch = source.zoo_entry.calibration_data(samples)
     return [tuple(tensor[start:start + 32] for tensor in batch) for start in range(0, samples, 32)]

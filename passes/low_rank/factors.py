@@ -82,9 +82,17 @@ def project(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
 
 def weight_svd(weight: torch.Tensor, bias: torch.Tensor | None,
                rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(B, A, b)``: plain truncated SVD of the weight, ``A = U_r S_r``, ``B = V_r^T`` (the data-blind baseline)."""
+    """``(B, A, b)``: plain truncated SVD of the weight, ``A = U_r S_r``, ``B = V_r^T`` (the data-blind baseline).
+
+    A rank above the weight's smaller side is padded with zero components (the chain stays exact).
+    """
     left, values, right = torch.linalg.svd(weight.double(), full_matrices=False)
-    return right[:rank], left[:, :rank] * values[:rank], None if bias is None else bias.double()
+    first, last = right[:rank], left[:, :rank] * values[:rank]
+    missing = rank - first.shape[0]
+    if missing > 0:
+        first = torch.cat([first, first.new_zeros(missing, first.shape[1])])
+        last = torch.cat([last, last.new_zeros(last.shape[0], missing)], dim=1)
+    return first, last, None if bias is None else bias.double()
 
 
 def weight_spectrum(weight: torch.Tensor) -> torch.Tensor:

@@ -142,8 +142,8 @@ def by_energy(layers: list[Layer], keep: float) -> dict[str, tuple[int, ...]]:
     chosen = {}
     for layer in layers:
         allowed = (1 - keep) * layer.energy
-        option = next((option for option, lost in zip(layer.options, layer.tail, strict=True)
-                       if lost <= allowed + 1e-12 * layer.energy), None)
+        option = next((option for option, lost in zip(layer.options, layer.tail, strict=True) if lost <= allowed),
+                      None)
         if option is not None:
             chosen[layer.node] = option
     return chosen

@@ -118,6 +118,10 @@ class LowRank(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Describe the layers, measure them, choose ranks, fit the factors, rewrite the graph."""
+        with torch.no_grad():
+            return self._factorise(gm, ctx)
+
+    def _factorise(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         probe.run_annotated(gm, ctx.probe_inputs)
         round_to = ctx.channel_multiple if self.options["round_to"] == "auto" else self.options["round_to"]
         self.activation = self.options["method"] == "activation"
@@ -125,7 +129,8 @@ class LowRank(Pass):
         if allocation == "auto":
             allocation = "sensitivity" if self.activation else "uniform"
         layers, skipped = self._layers(gm, round_to)
-        stats: dict = {"method": self.options["method"], "round_to": round_to, "skipped": _counted(skipped)}
+        stats: dict = {"method": self.options["method"], "round_to": round_to, "skipped": _counted(skipped),
+                       "layers_factorised": 0, "layers": {}}
         if not layers:
             return PassResult(gm, modified=False, stats=stats)
         samples, valid = self._data(gm, ctx.calibration_data, stats)

@@ -139,7 +139,8 @@ def render(record: dict) -> str:
     for key in ("latency_fp32", "latency_int8"):
         for batch, by_runner in record.get(key, {}).items():
             cells = ", ".join(f"{name} {value['p50_ms']:.1f} ms ({value['ratio']:.3f}x, blocks "
-                              f"{value['blocks'][0]:.2f}-{value['blocks'][1]:.2f})" for name, value in by_runner.items())
+                              f"{value['blocks'][0]:.2f}-{value['blocks'][1]:.2f})"
+                              for name, value in by_runner.items())
             lines.append(f"{key} batch {batch}: {cells}")
     return "\n".join(lines)
 

@@ -135,7 +135,8 @@ def test_the_command_asks_for_data_it_cannot_find(tmp_path):
     arguments = ["compile", f"{factory}:build", "-o", str(tmp_path / "out"), "--prune-macs", "0.3"]
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2
-    assert "recovery after pruning or factorisation needs data" in result.stderr and "--recover-seconds 0" in result.stderr
+    assert "recovery after pruning or factorisation needs data" in result.stderr
+    assert "--recover-seconds 0" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -35,7 +35,7 @@ import torch
 
 import models
 from bench.prune_encoder import cosine_row, embeddings
-from bench.prune_peers import agreement, batched, latency, pruning_parser, run_and_report
+from bench.prune_peers import agreement, batched, latency, latency_lines, pruning_parser, run_and_report
 from compiler import compile
 
 
@@ -136,13 +136,7 @@ def render(record: dict) -> str:
         extra = {key: row[key] for key in ("linear_macs_removed", "model_macs_removed", "recover_seconds", "target")
                  if key in row}
         lines.append(f"{name:16} {quality}  {extra}")
-    for key in ("latency_fp32", "latency_int8"):
-        for batch, by_runner in record.get(key, {}).items():
-            cells = ", ".join(f"{name} {value['p50_ms']:.1f} ms ({value['ratio']:.3f}x, blocks "
-                              f"{value['blocks'][0]:.2f}-{value['blocks'][1]:.2f})"
-                              for name, value in by_runner.items())
-            lines.append(f"{key} batch {batch}: {cells}")
-    return "\n".join(lines)
+    return "\n".join(lines + latency_lines(record))
 
 
 def main() -> None:

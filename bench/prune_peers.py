@@ -214,13 +214,19 @@ def render(record: dict) -> str:
         lines.append(f"{name:16} {row['agreement']:9.3f} {row['decisive']:8.3f}  "
                      f"{row.get('macs_removed', ''):>12}   "
                      f"{ {k: v for k, v in row.items() if k in ('after_pruning', 'ratio')} }")
+    return "\n".join(lines + latency_lines(record))
+
+
+def latency_lines(record: dict) -> list[str]:
+    """One line per latency table and batch of a bench record: each runner's p50, ratio and block spread."""
+    lines = []
     for key in ("latency_fp32", "latency_int8"):
         for batch, by_runner in record.get(key, {}).items():
             cells = ", ".join(f"{name} {value['p50_ms']:.1f} ms ({value['ratio']:.3f}x, blocks "
                               f"{value['blocks'][0]:.2f}-{value['blocks'][1]:.2f})"
                               for name, value in by_runner.items())
             lines.append(f"{key} batch {batch}: {cells}")
-    return "\n".join(lines)
+    return lines
 
 
 def pruning_parser(description: str, model: str) -> argparse.ArgumentParser:

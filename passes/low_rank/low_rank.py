@@ -219,9 +219,8 @@ class LowRank(Pass):
             plan = _regression_plan(student, node, by_name[node.name], chosen[node.name], env[node.args[0].name],
                                     target, (ridge, max_rows), valid_rows, self.importance.get(node.name))
             plans[node.name] = plan
-            before = plan.error_before
-            _set_weights(student, node, plan.dense(), plan.bias)
-            return before, plan.error_after
+            _set_weights(student, node, plan.dense(), plan.bias)  # the lockstep run goes on with the factorised layer
+            return plan.error_before, plan.error_after
 
         reference = copy.deepcopy(gm)
         stats["refit"] = reconstruct(gm, reference, samples, set(chosen), {}, valid=valid, fitter=fitter)

@@ -78,7 +78,11 @@ def compile(  # noqa: A001 - the product's name for it
             keep), with ``"method"`` (``"activation"``, the output-aware default, or ``"svd"``),
             ``"allocation"`` (``"sensitivity"``, measured per layer, or ``"uniform"``), ``"protect"``
             (fnmatch patterns of layers left whole), ``"round_to"`` (``"auto"``: the backend's kernel
-            block) and ``"refit"`` (sequential reduced-rank regression on the factorised model's inputs).
+            block), ``"refit"`` (sequential reduced-rank regression on the factorised model's inputs),
+            ``"weighting"`` (``"gradient"``: output features weighted by the model output's gradient, or
+            ``"none"``), ``"samples"`` and ``"probe_samples"`` (calibration samples read, and those the
+            sensitivity is measured on) and ``"savings_only"`` (False also factorises at ranks that save
+            nothing: for checks).
         train_data: unlabelled batches for recovery after pruning or factorisation; default: ``calibration_data``.
         recover_seconds: wall-clock budget of distillation recovery after pruning or factorisation (0 skips it).
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from compiler import ir, meta
+from passes.prune.prune_channels import rounded_width
 
 _BISECTION_STEPS = 60
 _TUCKER_STEPS = 16  # Tucker-2 options: the rank fraction in sixteenths of each side
@@ -125,16 +126,12 @@ def rank_options(layer: Layer, round_to: int, savings_only: bool) -> list[tuple[
         ranks = sorted({min(widest, step) for step in range(round_to, widest + round_to, round_to)})
         options = [(rank,) for rank in ranks]
     else:
-        options = sorted({(_rounded(layer.in_features * step / _TUCKER_STEPS, round_to, layer.in_features),
-                           _rounded(layer.out_features * step / _TUCKER_STEPS, round_to, layer.out_features))
+        options = sorted({(rounded_width(layer.in_features, layer.in_features * step / _TUCKER_STEPS, round_to),
+                           rounded_width(layer.out_features, layer.out_features * step / _TUCKER_STEPS, round_to))
                           for step in range(1, _TUCKER_STEPS + 1)})
     if savings_only:
         options = [option for option in options if layer.cost(option, "macs") < layer.full_macs]
     return sorted(options, key=lambda option: layer.cost(option, "macs"))
-
-
-def _rounded(value: float, round_to: int, limit: int) -> int:
-    return min(limit, max(round_to, math.ceil(value / round_to) * round_to))
 
 
 def by_energy(layers: list[Layer], keep: float) -> dict[str, tuple[int, ...]]:

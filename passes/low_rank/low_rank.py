@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -132,7 +133,7 @@ class LowRank(Pass):
         if allocation == "auto":
             allocation = "sensitivity" if self.activation else "uniform"
         layers, skipped = self._layers(gm, round_to)
-        stats: dict = {"method": self.options["method"], "round_to": round_to, "skipped": _counted(skipped),
+        stats: dict = {"method": self.options["method"], "round_to": round_to, "skipped": dict(Counter(skipped)),
                        "layers_factorised": 0, "layers": {}}
         if not layers:
             return PassResult(gm, modified=False, stats=stats)
@@ -224,6 +225,12 @@ class LowRank(Pass):
 
         reference = copy.deepcopy(gm)
         stats["refit"] = reconstruct(gm, reference, samples, set(chosen), {}, valid=valid, fitter=fitter)
+        if starved := sorted(name for name, plan in plans.items() if not plan.refitted):
+            stats["refit"]["projected_only"] = {"layers": starved, "reason": f"fewer than {ROWS_PER_WEIGHT} "
+                                                "calibration rows per input feature"}
+            logger.warning("low_rank: %d layer(s) had fewer than %d calibration rows (real tokens or positions) "
+                           "per input feature and were only projected, not re-fitted; pass more calibration data",
+                           len(starved), ROWS_PER_WEIGHT)
         missing = sorted(set(chosen) - set(plans))
         for name in missing:  # not reached by the lockstep run (no calibration input): truncated directly
             plans[name] = _direct_plan(gm, _node(gm, name), by_name[name], chosen[name], moments.get(name),
@@ -274,6 +281,7 @@ class _Plan:
         self.core = None if core is None else core.float()
         self.bias = None if bias is None else bias.float()
         self.error_before, self.error_after = errors
+        self.refitted = False  # re-fitted by least squares (enough calibration rows per input feature)
 
     def dense(self) -> torch.Tensor:
         """The single weight the chain computes, shaped as the original layer's."""
@@ -352,15 +360,19 @@ def _regression_plan(gm, node: fx.Node, layer: Layer, ranks: tuple[int, ...], so
     rows, targets = rows[pick].double(), targets[pick].double()
     matrix = weight.reshape(weight.shape[0], -1)
     before = _relative_error(rows, targets, matrix, bias)
-    if rows.shape[0] >= ROWS_PER_WEIGHT * rows.shape[1]:
+    refitted = rows.shape[0] >= ROWS_PER_WEIGHT * rows.shape[1]
+    if refitted:
         solution = least_squares(rows, targets, with_bias=bias is not None, ridge=ridge)
         matrix, bias = solution[: rows.shape[1]].T, (solution[rows.shape[1]] if bias is not None else None)
     mean, covariance = factors.moments(rows, centred=bias is not None)
     squeeze, last, bias = factors.project(matrix, bias, mean, covariance, ranks[-1], importance)
     after = _relative_error(rows, targets, last @ squeeze, bias)
     if layer.kind == "tucker":
-        return _Plan(layer, first, last, bias, squeeze.reshape(core_shape), (before, after))
-    return _Plan(layer, squeeze, last, bias, errors=(before, after))
+        plan = _Plan(layer, first, last, bias, squeeze.reshape(core_shape), (before, after))
+    else:
+        plan = _Plan(layer, squeeze, last, bias, errors=(before, after))
+    plan.refitted = refitted
+    return plan
 
 
 def _relative_error(rows: torch.Tensor, targets: torch.Tensor, matrix: torch.Tensor,
@@ -569,10 +581,3 @@ def _outputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> tuple[torc
 
 def _scale(outputs: tuple[torch.Tensor, ...]) -> float:
     return max((float(t.abs().max()) for t in outputs if t.is_floating_point() and t.numel()), default=1.0)
-
-
-def _counted(reasons: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts

@@ -295,7 +295,7 @@ class PruneChannels(Pass):
             threshold = torch.quantile(torch.cat(per_cost).float(), 1 - share) if share > 0 else math.inf
             wanted = [int((score >= threshold).sum()) for score in per_cost]
         floor = 1 - self.options["max_prune"]
-        return [_rounded(group.channels, max(count, math.ceil(floor * group.channels)), self._round(group))
+        return [rounded_width(group.channels, max(count, math.ceil(floor * group.channels)), self._round(group))
                 for group, count in zip(groups, wanted, strict=True)]
 
     def _round(self, group: ChannelGroup) -> int:
@@ -415,7 +415,7 @@ def _batched(inputs: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor
     return tuple(torch.cat([value] * math.ceil(batch / value.shape[0]))[:batch] for value in inputs)
 
 
-def _rounded(channels: int, wanted: int, round_to: int) -> int:
+def rounded_width(channels: int, wanted: float, round_to: int) -> int:
     """``wanted`` channels rounded up to a multiple of ``round_to``, at least ``round_to``, at most all."""
     return min(channels, max(round_to, math.ceil(wanted / round_to) * round_to))
 

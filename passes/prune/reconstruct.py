@@ -148,7 +148,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[str, object]) -> obje
 
 
 def fit_layer(gm, node, env, target: torch.Tensor, ridge: float, max_rows: int, generator,
-         valid: torch.Tensor | None = None) -> str | tuple[float, float]:
+              valid: torch.Tensor | None = None) -> str | tuple[float, float]:
     """Least-squares weights for one conv/linear of ``gm`` on its input in ``env``; a reason when it cannot be fitted.
 
     Returns the layer's relative output error against ``target`` before and after the fit.

@@ -284,3 +284,12 @@ def test_the_command_asks_for_data_it_cannot_find(tmp_path):
     assert result.exit_code == 2
     assert "low-rank factorisation measures layers on data" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_too_few_calibration_rows_to_refit_is_reported(mlp, caplog):
+    """64 samples are 64 rows: fc1 (784 inputs) and fc2 (512) need 4 per input feature to be re-fitted."""
+    compiled = compile(mlp.model, "cpu-fp32", mlp.example_inputs, calibration_data=[mlp.calibration_data(64)],
+                       low_rank={"macs": 0.3}, recover_seconds=0)
+    stats = compiled.report.entry("low_rank").stats
+    assert stats["refit"]["projected_only"]["layers"] == sorted(stats["layers"])
+    assert "pass more calibration data" in caplog.text

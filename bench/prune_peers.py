@@ -51,7 +51,7 @@ import models
 from backends.onnxruntime import make_session
 from compiler import compile
 from compiler.cli.benchmark import block_ratios, time_side_by_side
-from passes.recovery.recover import Recover, distil
+from passes.recovery.recover import Recover, distil, mirror_dims
 
 logger = logging.getLogger("bench.prune_peers")
 
@@ -106,7 +106,8 @@ def distil_eager(student: torch.nn.Module, teacher: torch.nn.Module, train: torc
         parameter.requires_grad_(True)
     options = {**Recover.default_options, "seconds": seconds}
     samples = (train[: len(train) - max(8, len(train) // 10)].contiguous(memory_format=torch.channels_last),)
-    curve, steps, spent = distil(student, teacher, samples, parameters, "kl", options)
+    mirror, _ = mirror_dims(samples, options["augment"])  # the same data augmentation as the recovery pass
+    curve, steps, spent = distil(student, teacher, samples, parameters, "kl", options, mirror=mirror)
     for parameter in parameters:
         parameter.requires_grad_(False)
     return {"steps": steps, "seconds": round(spent, 1), "loss_curve": curve}

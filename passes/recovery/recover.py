@@ -13,7 +13,10 @@ the calibration data when none is given) until the wall-clock budget is spent:
   block boundaries, sliced to the channels pruning kept), the teacher's values cached within
   ``feature_cache_mb``.
 
-The learning rate decays from ``lr`` to 0 along a cosine over the budget (``schedule="cosine"``).
+Image inputs are drawn both as they are and mirrored left to right (``augment="auto"``, see
+:func:`mirror_dims`): twice the distinct samples for the same data, which the short budgets here
+need more than they need steps. The learning rate decays from ``lr`` to 0 along a cosine over the
+budget (``schedule="cosine"``).
 Each sample's teacher output is computed the first time the sample is drawn and kept (the data
 does not change), and 4-D tensors train in channels-last order (measured about 25% faster for
 convolutions on this CPU): both buy steps within the same wall-clock budget. Batches are drawn in
@@ -41,6 +44,8 @@ from passes.recovery.features import FeaturePoint, feature_loss, feature_points,
 _WEIGHTED = ("aten.conv2d", "aten.conv1d", "aten.linear")
 _CURVE_POINTS = 10
 _POOL = 32  # batches sorted by length together (padded token data)
+_AUGMENTS = ("auto", "mirror", "none")
+_IMAGE_CHANNELS = (1, 3, 4)
 
 
 class Recover(Pass):
@@ -52,7 +57,7 @@ class Recover(Pass):
     needs_teacher = True
     default_options = {"seconds": 180.0, "max_steps": None, "lr": 1e-4, "temperature": 2.0,
                        "batch_size": 16, "seed": 0, "schedule": "cosine", "features": 4, "feature_weight": 1.0,
-                       "feature_cache_mb": 1024}
+                       "feature_cache_mb": 1024, "augment": "auto"}
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """A teacher, data, and sane options."""
@@ -68,6 +73,9 @@ class Recover(Pass):
         features = self.options["features"]
         if isinstance(features, bool) or not isinstance(features, int) or features < 0:
             raise PassError(f"pass {self.name!r}: features is a count of points >= 0, got {features!r}")
+        if self.options["augment"] not in _AUGMENTS:
+            raise PassError(f"pass {self.name!r}: augment must be one of {', '.join(_AUGMENTS)}, "
+                            f"got {self.options['augment']!r}")
         for key in ("lr", "temperature", "feature_weight", "feature_cache_mb"):
             if not isinstance(self.options[key], (int, float)) or self.options[key] <= 0:
                 raise PassError(f"pass {self.name!r}: {key} must be positive, got {self.options[key]!r}")
@@ -83,22 +91,23 @@ class Recover(Pass):
         before = _quality(gm, teacher, held_out, kind)
         names = _trainable(gm)
         parameters = [ir.get_attribute(gm, name) for name in names]
+        mirror, augmented = mirror_dims(train, self.options["augment"])
         points = feature_points(gm, teacher, tuple(tensor[:2] for tensor in train), self.options["features"],
-                                self.options["feature_cache_mb"] * 2 ** 20, _count(train))
+                                self.options["feature_cache_mb"] * 2 ** 20, _count(train) * (2 if mirror else 1))
         padding = find_padding(teacher, train)
-        curve, steps, seconds = distil(gm, teacher, train, parameters, kind, self.options, points, padding)
+        curve, steps, seconds = distil(gm, teacher, train, parameters, kind, self.options, points, padding, mirror)
         _freeze(gm, names)
         return PassResult(gm, modified=steps > 0, stats={
             "steps": steps, "seconds": round(seconds, 1), "loss": kind, "tensors_trained": len(names),
-            "padding_cut": padding is not None,
+            "padding_cut": padding is not None, "augment": augmented,
             "feature_points": [point.node for point in points],
             "samples": {"train": _count(train), "held_out": _count(held_out)}, "loss_curve": curve,
             "held_out_before": before, "held_out_after": _quality(gm, teacher, held_out, kind),
         })
 
 def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[torch.Tensor], kind: str,
-           options: dict, points: list[FeaturePoint] | None = None,
-           padding: Padding | None = None) -> tuple[list[float], int, float]:
+           options: dict, points: list[FeaturePoint] | None = None, padding: Padding | None = None,
+           mirror: tuple[int | None, ...] | None = None) -> tuple[list[float], int, float]:
     """Train ``parameters`` of ``student`` towards ``teacher`` on ``train``; the loss curve, steps, seconds.
 
     ``student`` and ``teacher`` are any callables on the samples (an IR, an eager ``nn.Module``);
@@ -109,6 +118,7 @@ def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[t
     whose padding provably does not reach the outputs, :func:`compiler.sequences.find_padding`),
     batches are drawn among samples of similar length and cut to their longest sample: on the zoo's
     MiniLM sentences (16 of 128 tokens real on average) a step then costs a fraction of a padded one.
+    With ``mirror`` (:func:`mirror_dims`), every sample is drawn as it is and mirrored.
     """
     if points:
         student, teacher = with_features(student, points), _TeacherViews(with_features(teacher, points), points)
@@ -117,10 +127,11 @@ def distil(student, teacher, train: tuple[torch.Tensor, ...], parameters: list[t
     started, steps, losses = time.perf_counter(), 0, []
     deadline = started + options["seconds"]
     limit = options["max_steps"] or math.inf
-    targets = _TeacherCache(teacher, train, padding)
+    views = Views(train, mirror)
+    targets = _TeacherCache(teacher, views, padding)
     while steps < limit and time.perf_counter() < deadline:
-        for index in _batches(train, options["batch_size"], generator, targets.lengths):
-            batch, target = _cut(tuple(tensor[index] for tensor in train), padding), targets.outputs(index)
+        for index in _batches(views.count, options["batch_size"], generator, targets.lengths):
+            batch, target = _cut(views[index], padding), targets.outputs(index)
             loss = _step_loss(targets.masked(student(*batch), batch, bool(points)), target, kind, options,
                               bool(points))
             optimiser.zero_grad()
@@ -196,18 +207,71 @@ def _split(samples: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
     return tuple(t[: count - held] for t in samples), tuple(t[count - held:] for t in samples)
 
 
+def mirror_dims(samples: tuple[torch.Tensor, ...], augment: str) -> tuple[tuple[int | None, ...] | None, str]:
+    """Which dimension of each input to mirror (None: leave it), and what the ledger says of it.
+
+    ``"auto"`` and ``"mirror"`` mirror image inputs left to right: 4-D float tensors with 1, 3 or 4
+    channels in the second dimension (NCHW, the width mirrored) or else in the last (NHWC). Mirrored
+    natural images are natural images: on EfficientNet-Lite0 at -30% MACs, 180 s of recovery on
+    2048 crops and their mirror images left 81.6% agreement on held-out crops against 79.0% on the
+    crops alone, as much as 4096 distinct crops gave (81.2%). ``"mirror"`` refuses data without an
+    image input; ``"auto"`` then trains on the samples as they are.
+    """
+    if augment == "none":
+        return None, "none"
+    dims = tuple(_width_dim(tensor) for tensor in samples)
+    if all(dim is None for dim in dims):
+        if augment == "mirror":
+            raise PassError("pass 'recover': augment='mirror' needs an image input (a 4-D float tensor with 1, 3 or "
+                            "4 channels, NCHW or NHWC); the data has shapes "
+                            f"{[tuple(tensor.shape[1:]) for tensor in samples]}; use augment='none'")
+        return None, "none (no image input)"
+    return dims, "mirror"
+
+
+def _width_dim(tensor: torch.Tensor) -> int | None:
+    if tensor.dim() != 4 or not tensor.is_floating_point():
+        return None
+    if tensor.shape[1] in _IMAGE_CHANNELS and tensor.shape[3] not in _IMAGE_CHANNELS:
+        return 3
+    if tensor.shape[3] in _IMAGE_CHANNELS and tensor.shape[1] not in _IMAGE_CHANNELS:
+        return 2
+    return None
+
+
+class Views:
+    """The training samples, then (with ``mirror``) their mirror images: index ``i + count`` mirrors sample ``i``."""
+
+    def __init__(self, samples: tuple[torch.Tensor, ...], mirror: tuple[int | None, ...] | None = None):
+        self.samples, self.mirror = samples, mirror
+        self.originals = _count(samples)
+        self.count = self.originals * (2 if mirror else 1)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = tuple(tensor[index % self.originals] for tensor in self.samples)
+        if not self.mirror:
+            return batch
+        mirrored = index >= self.originals
+        return tuple(tensor if dim is None else torch.where(mirrored.view(-1, 1, 1, 1), tensor.flip(dim), tensor)
+                     for tensor, dim in zip(batch, self.mirror, strict=True))
+
+    def lengths(self, padding: Padding) -> torch.Tensor:
+        """Each view's real length: its sample's."""
+        return padding.lengths(self.samples).repeat(self.count // self.originals)
+
+
 def _count(samples: tuple[torch.Tensor, ...]) -> int:
     return int(samples[0].shape[0]) if samples else 0
 
 
-def _batches(samples, size: int, generator: torch.Generator, lengths: torch.Tensor | None = None):
-    """Sample indices of one epoch in a seeded order, ``size`` at a time.
+def _batches(count: int, size: int, generator: torch.Generator, lengths: torch.Tensor | None = None):
+    """Indices of one epoch over ``count`` samples in a seeded order, ``size`` at a time.
 
     With ``lengths``, each pool of ``_POOL`` batches is sorted by length before it is cut into
     batches, and the batches are shuffled: samples of similar length share a batch, so cutting
     the batch to its longest sample leaves little padding.
     """
-    order = torch.randperm(samples[0].shape[0], generator=generator)
+    order = torch.randperm(count, generator=generator)
     if lengths is None:
         yield from (order[start:start + size] for start in range(0, len(order), size))
         return
@@ -233,18 +297,19 @@ class _TeacherCache:
     :meth:`masked` zeroes the student's padded positions alike, so the loss reads real tokens only.
     """
 
-    def __init__(self, teacher, samples: tuple[torch.Tensor, ...], padding: Padding | None = None):
-        self.teacher, self.samples, self.padding = teacher, samples, padding
+    def __init__(self, teacher, samples: Views | tuple[torch.Tensor, ...], padding: Padding | None = None):
+        self.samples = samples if isinstance(samples, Views) else Views(samples)
+        self.teacher, self.padding = teacher, padding
         self.whole = isinstance(teacher, _TeacherViews)
         self.values: list[torch.Tensor] = []
-        self.known = torch.zeros(samples[0].shape[0], dtype=torch.bool)
+        self.known = torch.zeros(self.samples.count, dtype=torch.bool)
         self.tokens = self._token_outputs() if padding is not None else []
-        self.lengths = padding.lengths(samples) if padding is not None else None
+        self.lengths = self.samples.lengths(padding) if padding is not None else None
 
     def outputs(self, index: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         missing = index[~self.known[index]]
         if len(missing):
-            inputs = _cut(tuple(tensor[missing] for tensor in self.samples), self.padding)
+            inputs = _cut(self.samples[missing], self.padding)
             with torch.no_grad():
                 fresh = self._run(inputs)
             if not self.values:
@@ -280,7 +345,7 @@ class _TeacherCache:
 
     def _token_outputs(self) -> list[bool]:
         """Which outputs have a token dimension (dimension 1): those whose size follows the input's length."""
-        one = tuple(tensor[:1] for tensor in self.samples)
+        one = self.samples[torch.zeros(1, dtype=torch.long)]
         full = self.padding.length
         with torch.no_grad():
             long, short = self._run(self.padding.trim(one, full)), self._run(self.padding.trim(one, full - 1))

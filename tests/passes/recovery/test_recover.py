@@ -16,9 +16,10 @@ from torch import nn
 import models
 from compiler import TARGETS, CalibrationDataError, PassSpec, TargetError, compile
 from compiler.cli import main
+from compiler.errors import PassError
 from compiler.pipeline import run_pipeline
 from compiler.sequences import find_padding
-from passes.recovery.recover import Recover, _batches, _kind, _TeacherCache, distil
+from passes.recovery.recover import Recover, Views, _batches, _kind, _TeacherCache, distil, mirror_dims
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,55 @@ def test_recovery_wins_back_accuracy_and_is_reproducible(digits):
         after = accuracy(first.graph_module(images)[0], labels)
         assert torch.equal(first.graph_module(images)[0], second.graph_module(images)[0])  # seeded
     assert after > before + 0.01, (before, after)
+
+
+def test_image_data_is_drawn_as_it_is_and_mirrored(digits):
+    result = run_pipeline(digits.model, recovering_target(seconds=600, max_steps=5), digits.example_inputs,
+                          calibration_data=[digits.calibration_data(128)])
+    assert result.ledger.entry("recover").stats["augment"] == "mirror"
+    unmirrored = run_pipeline(digits.model, recovering_target(seconds=600, max_steps=5, augment="none"),
+                              digits.example_inputs, calibration_data=[digits.calibration_data(128)])
+    assert unmirrored.ledger.entry("recover").stats["augment"] == "none"
+
+
+@pytest.mark.parametrize(("shape", "dims"), [
+    ((4, 3, 9, 7), (3,)),  # NCHW: the width is the last dimension
+    ((4, 9, 7, 3), (2,)),  # NHWC
+    ((4, 1, 8, 8), (3,)),
+    ((4, 5, 9, 7), None),  # five channels: not an image the rule recognises
+    ((4, 16), None),
+])
+def test_mirroring_finds_the_width_of_image_inputs(shape, dims):
+    mirror, said = mirror_dims((torch.rand(shape),), "auto")
+    assert mirror == (None if dims is None else dims)
+    assert said == ("mirror" if dims else "none (no image input)")
+
+
+def test_asking_to_mirror_data_without_images_is_a_pass_error():
+    with pytest.raises(PassError, match="augment='mirror' needs an image input.*augment='none'"):
+        mirror_dims((torch.randint(0, 9, (4, 12)), torch.ones(4, 12)), "mirror")
+    assert mirror_dims((torch.rand(4, 3, 8, 8),), "none") == (None, "none")
+
+
+def test_an_unknown_augmentation_is_a_pass_error(digits):
+    with pytest.raises(PassError, match="augment must be one of auto, mirror, none, got 'flip'"):
+        run_pipeline(digits.model, recovering_target(augment="flip"), digits.example_inputs,
+                     calibration_data=[digits.calibration_data(64)])
+
+
+def test_a_view_past_the_count_is_its_sample_mirrored_and_the_teacher_sees_it_so():
+    images, extra = torch.rand(5, 3, 4, 6), torch.arange(5.0)
+    views = Views((images, extra), (3, None))
+    assert views.count == 10
+    index = torch.tensor([1, 6, 9])
+    batch = views[index]
+    torch.testing.assert_close(batch[0][0], images[1])
+    torch.testing.assert_close(batch[0][1], images[1].flip(-1))
+    torch.testing.assert_close(batch[0][2], images[4].flip(-1))
+    assert batch[1].tolist() == [1.0, 1.0, 4.0]  # only the image input is mirrored
+    teacher = nn.Conv2d(3, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(_TeacherCache(lambda x, _: teacher(x), views).outputs(index), teacher(batch[0]))
 
 
 def test_no_budget_leaves_the_graph_alone(digits):
@@ -166,10 +216,10 @@ def padded_tokens(count: int, length: int = 16) -> tuple[torch.Tensor, torch.Ten
 def test_length_sorted_batches_cover_every_sample_once_with_little_padding():
     samples = padded_tokens(200)
     lengths = samples[1].sum(1)
-    batches = list(_batches(samples, 8, torch.Generator().manual_seed(0), lengths))
+    batches = list(_batches(200, 8, torch.Generator().manual_seed(0), lengths))
     assert sorted(torch.cat(batches).tolist()) == list(range(200))
     padded = sum(int(lengths[index].max()) * len(index) for index in batches)
-    shuffled = sum(int(lengths[index].max()) * len(index) for index in _batches(samples, 8,
+    shuffled = sum(int(lengths[index].max()) * len(index) for index in _batches(200, 8,
                                                                                 torch.Generator().manual_seed(0)))
     assert padded < 0.8 * shuffled, (padded, shuffled)
 

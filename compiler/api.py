@@ -42,6 +42,7 @@ def compile(  # noqa: A001 - the product's name for it
     low_rank: dict | None = None,
     train_data: object = None,
     recover_seconds: float = 180.0,
+    recover: dict | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -85,13 +86,17 @@ def compile(  # noqa: A001 - the product's name for it
             nothing: for checks).
         train_data: unlabelled batches for recovery after pruning or factorisation; default: ``calibration_data``.
         recover_seconds: wall-clock budget of distillation recovery after pruning or factorisation (0 skips it).
+        recover: more recovery options: ``"augment"`` (``"auto"``: image inputs also drawn mirrored,
+            ``"mirror"``, ``"none"``), ``"lr"`` (1e-4), ``"temperature"`` (2), ``"batch_size"`` (16),
+            ``"seed"``, ``"schedule"`` (``"cosine"``/``"constant"``), ``"features"`` (intermediate
+            points matched, 4), ``"feature_weight"``, ``"feature_cache_mb"`` and ``"max_steps"``.
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     backend_target = get_target(target)
     backend = make_backend(backend_target)  # a bad backend option fails now, not after the passes
-    extra = compression_passes(prune, low_rank, recover_seconds)
+    extra = compression_passes(prune, low_rank, recover_seconds, recover)
     if extra and calibration_data is None and train_data is not None:
         calibration_data = train_data  # recovery reads the calibration slot when no other data is given
     result = run_pipeline(

@@ -22,20 +22,41 @@ _UNSTRUCTURED_OPTIONS = ("scope", "protect")
 _LOW_RANK_BUDGETS = ("macs", "params", "energy")
 _LOW_RANK_OPTIONS = ("method", "allocation", "round_to", "protect", "refit", "samples", "probe_samples",
                      "savings_only", "weighting")
+_RECOVER_OPTIONS = ("augment", "lr", "temperature", "batch_size", "seed", "schedule", "features", "feature_weight",
+                    "feature_cache_mb", "max_steps")
 _QUANTISATION_PASSES = ("calibrate", "gptq", "quant_sensitivity", "bias_correction", "insert_qdq")
 
 
 def compression_passes(prune: Mapping[str, Any] | None, low_rank: Mapping[str, Any] | None,
-                       recover_seconds: float) -> tuple[PassSpec, ...]:
-    """The passes ``prune``, ``low_rank`` and ``recover_seconds`` ask for; none when both are None."""
+                       recover_seconds: float, recover: Mapping[str, Any] | None = None) -> tuple[PassSpec, ...]:
+    """The passes ``prune``, ``low_rank`` and ``recover_seconds`` ask for; none when both are None.
+
+    ``recover`` holds more options of the recovery pass (``augment``, ``lr``, ...); its budget is
+    ``recover_seconds``.
+    """
+    options = _recover_options(recover)
     if prune is None and low_rank is None:
+        if options:
+            raise TargetError("recover options apply to the recovery after prune= or low_rank=; neither was given")
         return ()
     if isinstance(recover_seconds, bool) or not isinstance(recover_seconds, (int, float)) or recover_seconds < 0:
         raise TargetError(f"recover_seconds must be a number >= 0, got {recover_seconds!r}")
     passes = [*_pruning(prune), *_low_rank(low_rank)]
     if recover_seconds > 0:
-        passes.append(PassSpec("recover", {"seconds": float(recover_seconds)}))
+        passes.append(PassSpec("recover", {**options, "seconds": float(recover_seconds)}))
     return tuple(passes)
+
+
+def _recover_options(recover: Mapping[str, Any] | None) -> dict[str, Any]:
+    if recover is None:
+        return {}
+    if not isinstance(recover, Mapping):
+        raise TargetError(f"recover must be a dict such as {{'augment': 'none'}}, got {type(recover).__name__}")
+    if "seconds" in recover:
+        raise TargetError("recover takes no 'seconds': the budget is recover_seconds=")
+    if unknown := sorted(set(recover) - set(_RECOVER_OPTIONS)):
+        raise TargetError(f"recover has no key(s) {', '.join(unknown)}; keys: {', '.join(_RECOVER_OPTIONS)}")
+    return dict(recover)
 
 
 def _low_rank(low_rank: Mapping[str, Any] | None) -> list[PassSpec]:

@@ -102,9 +102,12 @@ def _target_steps(target: str) -> int:
 @click.option("--recover-seconds", type=click.FloatRange(0), default=180.0, show_default=True,
               help="After pruning or factorisation, distil towards the original on the zoo's bundled samples "
                    "for this long.")
+@click.option("--recover-augment", type=click.Choice(["auto", "mirror", "none"]), default="auto", show_default=True,
+              help="Recovery's data augmentation: auto mirrors image inputs left to right (as does mirror, which "
+                   "refuses data without images); none trains on the samples as they are.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
-                    prune_macs, low_rank_macs, recover_seconds, as_json) -> None:
+                    prune_macs, low_rank_macs, recover_seconds, recover_augment, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -131,7 +134,8 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
                                dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
                                strict=strict, progress=step, prune=prune, low_rank=low_rank,
-                               recover_seconds=recover_seconds)
+                               recover_seconds=recover_seconds,
+                               recover={"augment": recover_augment} if compresses else None)
     directory = compiled.save(output, force=force)
     if as_json:
         click.echo(json.dumps({"artifact": str(directory), "report": compiled.report.to_dict()}, indent=2))

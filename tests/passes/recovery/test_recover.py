@@ -106,6 +106,30 @@ def test_a_view_past_the_count_is_its_sample_mirrored_and_the_teacher_sees_it_so
         torch.testing.assert_close(_TeacherCache(lambda x, _: teacher(x), views).outputs(index), teacher(batch[0]))
 
 
+def test_compile_hands_recovery_options_to_the_pass(digits):
+    compiled = compile(digits.model, "cpu-fp32", digits.example_inputs, calibration_data=[digits.calibration_data(96)],
+                       prune={"macs": 0.3, "importance": "l1", "reconstruct": False}, recover_seconds=60,
+                       recover={"augment": "none", "max_steps": 3})
+    stats = compiled.report.entry("recover").stats
+    assert stats["augment"] == "none" and stats["steps"] == 3
+
+
+def test_compile_knows_every_recovery_option_but_the_budget():
+    from compiler.pruning_options import _RECOVER_OPTIONS
+    assert set(_RECOVER_OPTIONS) == set(Recover.default_options) - {"seconds"}
+
+
+@pytest.mark.parametrize(("recover", "prune", "message"), [
+    ({"flip": True}, {"macs": 0.3}, "recover has no key.*flip.*keys: augment"),
+    ({"seconds": 5}, {"macs": 0.3}, "the budget is recover_seconds="),
+    ("none", {"macs": 0.3}, "recover must be a dict"),
+    ({"augment": "none"}, None, "recover options apply to the recovery after prune= or low_rank="),
+])
+def test_bad_recovery_options_are_target_errors(digits, recover, prune, message):
+    with pytest.raises(TargetError, match=message):
+        compile(digits.model, "cpu-fp32", digits.example_inputs, prune=prune, recover=recover)
+
+
 def test_no_budget_leaves_the_graph_alone(digits):
     result = run_pipeline(digits.model, recovering_target(seconds=0), digits.example_inputs,
                           calibration_data=[digits.calibration_data(64)])
@@ -175,6 +199,14 @@ def test_the_command_prunes_and_recovers_a_zoo_model(tmp_path):
     assert result.exit_code == 0, result.output
     passes = [entry["name"] for entry in json.loads(result.stdout)["report"]["passes"]]
     assert passes[-3:] == ["prune_channels", "eliminate_dead_code", "recover"]
+
+
+def test_the_command_switches_mirroring_off(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "digits-cnn", "-o", str(tmp_path / "out"), "--prune-macs", "0.5",
+                                       "--recover-seconds", "1", "--recover-augment", "none", "--json"])
+    assert result.exit_code == 0, result.output
+    recover = next(entry for entry in json.loads(result.stdout)["report"]["passes"] if entry["name"] == "recover")
+    assert recover["stats"]["augment"] == "none"
 
 
 def test_the_command_asks_for_data_it_cannot_find(tmp_path):

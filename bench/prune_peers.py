@@ -97,14 +97,15 @@ def _tp_prune(model: torch.nn.Module, example: torch.Tensor, ratio: float) -> to
     return model
 
 
-def distil_eager(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor, seconds: float) -> dict:
-    """The recovery pass's distillation on an eager model: every parameter, BatchNorm statistics frozen."""
+def distil_eager(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Tensor, seconds: float,
+                 recover: dict | None = None) -> dict:
+    """The recovery pass's distillation, with ``recover``'s options, on an eager model; BatchNorm frozen."""
     student.eval()  # frozen BatchNorm statistics, as the IR's folded BatchNorm is
     student = student.to(memory_format=torch.channels_last)
     parameters = [parameter for parameter in student.parameters() if parameter.is_floating_point()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    options = {**Recover.default_options, "seconds": seconds}
+    options = {**Recover.default_options, **(recover or {}), "seconds": seconds}
     samples = (train[: len(train) - max(8, len(train) // 10)].contiguous(memory_format=torch.channels_last),)
     mirror, _ = mirror_dims(samples, options["augment"])  # the same data augmentation as the recovery pass
     curve, steps, spent = distil(student, teacher, samples, parameters, "kl", options, mirror=mirror)
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     zoo = models.load(args.model)
     train = zoo.calibration_data(args.train)[0]
-    data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)]}
+    data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)],
+            "recover": json.loads(args.recover)}
     images = zoo.eval_data(args.eval)[0]
     reference = batched(zoo.model, images)
     top2 = reference.softmax(1).topk(2, dim=1).values
@@ -180,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             rows["torch-pruning"] = {**tp_info, "after_pruning": agreement(batched(tp_model, images), reference,
                                                                           decisive)}
-            rows["torch-pruning"]["recovery"] = distil_eager(tp_model, zoo.model, train, args.seconds)
+            rows["torch-pruning"]["recovery"] = distil_eager(tp_model, zoo.model, train, args.seconds,
+                                                              data["recover"])
             rows["torch-pruning"].update(agreement(batched(tp_model, images), reference, decisive))
             compiled["torch-pruning"] = compile(tp_model, "cpu-fp32", zoo.example_inputs)
 
@@ -262,6 +265,8 @@ def main() -> None:
                         help="also fxpress with prune={'latency': R, 'latency_batch': 16} (e.g. 0.7)")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
     parser.add_argument("--no-torch-pruning", action="store_true")
+    parser.add_argument("--recover", default="{}",
+                        help="more recovery options for every pruned row, as JSON, e.g. '{\"augment\": \"none\"}'")
     run_and_report(parser.parse_args(), run, render)
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ class _Plan:
     """A layer's factors: ``first`` (``B``), optional Tucker ``core``, ``last`` (``A``), the bias, and fit errors."""
 
     def __init__(self, layer: Layer, first: torch.Tensor, last: torch.Tensor, bias: torch.Tensor | None,
-                 core: torch.Tensor | None = None, errors: tuple[float, float] = (0.0, 0.0)):
+                 core: torch.Tensor | None = None, errors: tuple[float, float] = (0.0, 0.0), refitted: bool = False):
         if core is None:  # each rank's row of B and column of A get equal norms: Adam (recovery) moves both alike
             balance = (first.norm(dim=1) / last.norm(dim=0).clamp(min=1e-30)).clamp(min=1e-30).sqrt()
             first, last = first / balance[:, None], last * balance
@@ -281,7 +281,7 @@ class _Plan:
         self.core = None if core is None else core.float()
         self.bias = None if bias is None else bias.float()
         self.error_before, self.error_after = errors
-        self.refitted = False  # re-fitted by least squares (enough calibration rows per input feature)
+        self.refitted = refitted  # re-fitted by least squares (enough calibration rows per input feature)
 
     def dense(self) -> torch.Tensor:
         """The single weight the chain computes, shaped as the original layer's."""
@@ -368,11 +368,8 @@ def _regression_plan(gm, node: fx.Node, layer: Layer, ranks: tuple[int, ...], so
     squeeze, last, bias = factors.project(matrix, bias, mean, covariance, ranks[-1], importance)
     after = _relative_error(rows, targets, last @ squeeze, bias)
     if layer.kind == "tucker":
-        plan = _Plan(layer, first, last, bias, squeeze.reshape(core_shape), (before, after))
-    else:
-        plan = _Plan(layer, squeeze, last, bias, errors=(before, after))
-    plan.refitted = refitted
-    return plan
+        return _Plan(layer, first, last, bias, squeeze.reshape(core_shape), (before, after), refitted)
+    return _Plan(layer, squeeze, last, bias, errors=(before, after), refitted=refitted)
 
 
 def _relative_error(rows: torch.Tensor, targets: torch.Tensor, matrix: torch.Tensor,

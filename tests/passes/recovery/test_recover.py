@@ -130,6 +130,23 @@ def test_bad_recovery_options_are_target_errors(digits, recover, prune, message)
         compile(digits.model, "cpu-fp32", digits.example_inputs, prune=prune, recover=recover)
 
 
+def test_distillation_trains_on_every_image_and_its_mirror_image():
+    torch.manual_seed(0)
+    images = torch.rand(8, 3, 6, 5)
+    teacher, student = nn.Conv2d(3, 2, 3), nn.Conv2d(3, 2, 3)
+    seen = []
+
+    def recording(x):
+        seen.append(x.detach().clone())
+        return student(x).flatten(1)
+
+    options = {**Recover.default_options, "max_steps": 1, "batch_size": 16}
+    distil(recording, lambda x: teacher(x).flatten(1), (images,), list(student.parameters()), "kl", options,
+           mirror=(3,))
+    drawn = {tuple(image.flatten().tolist()) for image in seen[0]}
+    assert drawn == {tuple(image.flatten().tolist()) for image in torch.cat([images, images.flip(-1)])}
+
+
 def test_no_budget_leaves_the_graph_alone(digits):
     result = run_pipeline(digits.model, recovering_target(seconds=0), digits.example_inputs,
                           calibration_data=[digits.calibration_data(64)])
@@ -262,7 +279,7 @@ def test_the_teacher_cache_hands_out_what_the_teacher_gives_the_cut_batch(tokens
     teacher, samples = PaddedEncoder(tokens).eval(), padded_tokens(40)
     padding = find_padding(teacher, samples)
     assert padding is not None
-    cache = _TeacherCache(teacher, samples, padding)
+    cache = _TeacherCache(teacher, Views(samples), padding)
     for index in (torch.tensor([3, 7, 9]), torch.tensor([7, 20, 3, 1])):  # cached, then partly fresh
         batch = padding.trim(tuple(tensor[index] for tensor in samples))
         with torch.no_grad():

@@ -32,6 +32,7 @@ Torch-Pruning comes with the ``peers`` extra (``pip install -e ".[peers]"``); wi
     python -m bench.prune_peers --int8 --latency 0.7 --train 2048  # recovery on 2048 crops
     python -m bench.prune_peers --macs 0.5 --seconds 300 --json prune50.json
     python -m bench.prune_peers --latency 0.7 --no-torch-pruning    # latency-driven against MAC-driven
+    python -m bench.prune_peers --macs 0.36 --latency 0.7 --latency-prune '{"allocation": "uniform"}'
 """
 
 from __future__ import annotations
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     train = zoo.calibration_data(args.train)[0]
     data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)],
             "recover": json.loads(args.recover)}
+    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
     images = zoo.eval_data(args.eval)[0]
     reference = batched(zoo.model, images)
     top2 = reference.softmax(1).topk(2, dim=1).values
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     compiled["unpruned"] = compile(zoo.model, "cpu-fp32", zoo.example_inputs)
     fx_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
-                       prune={"macs": args.macs}, recover_seconds=args.seconds)
+                       prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
     compiled["fxpress"] = fx_model
     entry = fx_model.report.entry("prune_channels")
     rows["fxpress"] = {**agreement(batched(fx_model, images), reference, decisive),
@@ -166,13 +168,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.latency:
         began = time.perf_counter()
         lat_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
-                            prune={"latency": args.latency, "latency_batch": 16}, recover_seconds=args.seconds)
+                            prune={"latency": args.latency, "latency_batch": 16, **latency_options},
+                            recover_seconds=args.seconds)
         compiled["fxpress-latency"] = lat_model
         entry = lat_model.report.entry("prune_channels")
         rows["fxpress-latency"] = {**agreement(batched(lat_model, images), reference, decisive),
                                    "macs_removed": round(1 - entry.macs_after / entry.macs_before, 4),
                                    "compile_s": round(time.perf_counter() - began, 1)}
-        record["fxpress_latency_ledger"] = {"latency": entry.stats["latency"], "widths": entry.stats["widths"]}
+        record["fxpress_latency_ledger"] = {"latency": entry.stats["latency"], "allocation": entry.stats["allocation"],
+                                            "widths": entry.stats["widths"]}
 
     if not args.no_torch_pruning:
         try:
@@ -193,10 +197,11 @@ def run(args: argparse.Namespace) -> dict:
         int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs,
                                          calibration_data=data["calibration_data"])}
         int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
-                                       prune={"macs": args.macs}, recover_seconds=args.seconds)
+                                       prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
         if args.latency:
             int8["fxpress-int8-latency"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
-                                                   prune={"latency": args.latency, "latency_batch": 16},
+                                                   prune={"latency": args.latency, "latency_batch": 16,
+                                                          **latency_options},
                                                    recover_seconds=args.seconds)
             entry = int8["fxpress-int8-latency"].report.entry("prune_channels")
             record["fxpress_int8_latency_ledger"] = {"latency": entry.stats["latency"], "widths": entry.stats["widths"],
@@ -263,6 +268,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.0,
                         help="also fxpress with prune={'latency': R, 'latency_batch': 16} (e.g. 0.7)")
+    parser.add_argument("--prune", default="{}",
+                        help="more prune options for the MAC-driven fxpress rows, as JSON, e.g. "
+                             "'{\"allocation\": \"uniform\"}'")
+    parser.add_argument("--latency-prune", default="{}",
+                        help="more prune options for the latency rows, as JSON, e.g. '{\"allocation\": \"uniform\"}'")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
     parser.add_argument("--no-torch-pruning", action="store_true")
     parser.add_argument("--recover", default="{}",

@@ -66,8 +66,9 @@ def compile(  # noqa: A001 - the product's name for it
             fraction to remove) or ``{"latency": 0.7}`` (the share of the unpruned model's latency in the
             target's runtime to reach, measured at ``"latency_batch"``, default the example's batch), with
             ``"importance"`` (``"reconstruction"``, the data-aware default,
-            ``"taylor"``, ``"l1"``, ``"l2"``, ``"bn_scale"``), ``"allocation"`` (``"uniform"``/``"global"``; default
-            global for a latency budget, uniform otherwise), ``"max_prune"``
+            ``"taylor"``, ``"l1"``, ``"l2"``, ``"bn_scale"``), ``"allocation"`` (``"uniform"``, ``"sensitivity"``:
+            scores scaled by each group's measured effect on the output, or ``"global"``; default
+            sensitivity for a latency budget, uniform otherwise), ``"max_prune"``
             (the most of one group removed, 0.8), ``"protect"`` (fnmatch patterns of layers whose width
             stays), ``"round_to"`` (``"auto"``: the backend's kernel block) and
             ``"reconstruct"`` (``"readers"``, ``"all"`` or False: least-squares re-fit on calibration

@@ -153,6 +153,42 @@ def test_a_parameter_budget_is_met_and_uniform_allocation_keeps_one_share(digits
     assert entry.stats["budget"] == {"params": 0.3}
 
 
+class _TwoHeads(nn.Module):
+    """Two conv branches of one input; the second's output is scaled down 1000x, so its channels matter little."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1))
+        self.quiet = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 1))
+
+    def forward(self, x):
+        return self.loud(x), self.quiet(x) * 1e-3
+
+
+def test_sensitivity_allocation_cuts_where_the_output_changes_least():
+    # Each branch's 64 channels score alike on their own layers; only the model's output tells them apart.
+    model = _TwoHeads().eval()
+    data = [(torch.randn(64, 3, 12, 12),)]
+    outputs = {}
+    for allocation in ("uniform", "sensitivity"):
+        result = run_pipeline(model, pruning_target(macs=0.3, allocation=allocation, round_to=16, max_prune=0.75),
+                              (data[0][0][:2],), calibration_data=data)
+        entry = result.ledger.entry("prune_channels")
+        assert entry.macs_after <= 0.7 * entry.macs_before
+        outputs[allocation] = (entry, result.graph_module)
+    entry, pruned = outputs["sensitivity"]
+    assert entry.stats["widths"] == {"quiet.0": [64, 16]}  # uniform and global cut both to 48 and 32
+    errors = entry.stats["sensitivity"]["output_error_at_half"]
+    assert errors["quiet.0"] < 1e-4 * errors["loud.0"], errors
+    images = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(images)[0]
+        uniform_error = (outputs["uniform"][1](images)[0] - expected).pow(2).mean()
+        sensitivity_error = (pruned(images)[0] - expected).pow(2).mean()
+    assert sensitivity_error < 0.1 * uniform_error
+
+
 def test_round_to_auto_takes_the_backends_channel_multiple(digits):
     from backends.onnxruntime.isa import channel_multiple, detect_isa
 

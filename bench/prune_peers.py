@@ -14,8 +14,8 @@ For an ImageNet classifier of the zoo (EfficientNet-Lite0 by default):
   way. fxpress's recovery adds its intermediate-feature term (``recover``'s ``features``), which
   needs the channels pruning kept; the eager Torch-Pruning model does not record them.
 - with ``--latency R``: ``fxpress-latency``, ``prune={"latency": R, "latency_batch": 16}`` (a
-  per-layer latency table, global allocation, the pruned copy timed against the unpruned one) with
-  the same recovery;
+  per-layer latency table, sensitivity allocation, the pruned copy timed against the unpruned one)
+  with the same recovery;
 - with ``--int8``: the unpruned and the fxpress-pruned model compiled to ``cpu-int8``; with ``--latency R``
   too, ``fxpress-int8-latency``: ``compile(model, "cpu-int8", prune={"latency": R, "latency_batch": 16})``,
   whose layer table and check time ONNX Runtime's integer kernels.
@@ -33,6 +33,7 @@ Torch-Pruning comes with the ``peers`` extra (``pip install -e ".[peers]"``); wi
     python -m bench.prune_peers --macs 0.5 --seconds 300 --json prune50.json
     python -m bench.prune_peers --latency 0.7 --no-torch-pruning    # latency-driven against MAC-driven
     python -m bench.prune_peers --macs 0.36 --latency 0.7 --latency-prune '{"allocation": "uniform"}'
+    python -m bench.prune_peers --int8 --int8-only --latency 0.75 --train 2048   # the int8 rows alone
 """
 
 from __future__ import annotations
@@ -146,13 +147,26 @@ def run(args: argparse.Namespace) -> dict:
     train = zoo.calibration_data(args.train)[0]
     data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)],
             "recover": json.loads(args.recover)}
-    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
     images = zoo.eval_data(args.eval)[0]
     reference = batched(zoo.model, images)
     top2 = reference.softmax(1).topk(2, dim=1).values
     decisive = (top2[:, 0] - top2[:, 1]) > 0.2
-    rows, compiled, record = {}, {}, {"decisive_crops": int(decisive.sum())}
+    rows, record = {}, {"decisive_crops": int(decisive.sum())}
 
+    if not args.int8_only:
+        fp32_rows(zoo, args, data, (images, reference, decisive), rows, record)
+    if args.int8:
+        int8_rows(zoo, args, data, (images, reference, decisive), rows, record)
+    record.update({"rows": rows, "options": vars(args), "machine": platform.processor() or platform.machine(),
+                   "torch": torch.__version__, "threads": torch.get_num_threads()})
+    return record
+
+
+def fp32_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: dict, record: dict) -> None:
+    """The fp32 rows (unpruned, fxpress, fxpress-latency, Torch-Pruning) and their latency table."""
+    images, reference, decisive = held_out
+    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
+    compiled = {}
     began = time.perf_counter()
     compiled["unpruned"] = compile(zoo.model, "cpu-fp32", zoo.example_inputs)
     fx_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
@@ -186,32 +200,34 @@ def run(args: argparse.Namespace) -> dict:
         else:
             rows["torch-pruning"] = {**tp_info, "after_pruning": agreement(batched(tp_model, images), reference,
                                                                           decisive)}
-            rows["torch-pruning"]["recovery"] = distil_eager(tp_model, zoo.model, train, args.seconds,
-                                                              data["recover"])
+            rows["torch-pruning"]["recovery"] = distil_eager(tp_model, zoo.model, data["train_data"][0][0],
+                                                              args.seconds, data["recover"])
             rows["torch-pruning"].update(agreement(batched(tp_model, images), reference, decisive))
             compiled["torch-pruning"] = compile(tp_model, "cpu-fp32", zoo.example_inputs)
 
-    timing_images = images[:16].contiguous()
-    record["latency_fp32"] = latency(compiled, timing_images, (1, 16), args.runs, "unpruned")
-    if args.int8:
-        int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs,
-                                         calibration_data=data["calibration_data"])}
-        int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
-                                       prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
-        if args.latency:
-            int8["fxpress-int8-latency"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
-                                                   prune={"latency": args.latency, "latency_batch": 16,
-                                                          **latency_options},
-                                                   recover_seconds=args.seconds)
-            entry = int8["fxpress-int8-latency"].report.entry("prune_channels")
-            record["fxpress_int8_latency_ledger"] = {"latency": entry.stats["latency"], "widths": entry.stats["widths"],
-                                                     "macs_removed": round(1 - entry.macs_after / entry.macs_before, 4)}
-        for name, model in int8.items():
-            rows[name] = agreement(batched(model, images), reference, decisive)
-        record["latency_int8"] = latency(int8, timing_images, (16,), args.runs, "unpruned-int8")
-    record.update({"rows": rows, "options": vars(args), "machine": platform.processor() or platform.machine(),
-                   "torch": torch.__version__, "threads": torch.get_num_threads()})
-    return record
+    record["latency_fp32"] = latency(compiled, images[:16].contiguous(), (1, 16), args.runs, "unpruned")
+
+
+def int8_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: dict, record: dict) -> None:
+    """The cpu-int8 rows (unpruned, pruned by MACs, by latency) and their latency table at batch 16."""
+    images, reference, decisive = held_out
+    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
+    int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs,
+                                     calibration_data=data["calibration_data"])}
+    int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
+                                   prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
+    if args.latency:
+        int8["fxpress-int8-latency"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
+                                               prune={"latency": args.latency, "latency_batch": 16,
+                                                      **latency_options},
+                                               recover_seconds=args.seconds)
+        entry = int8["fxpress-int8-latency"].report.entry("prune_channels")
+        record["fxpress_int8_latency_ledger"] = {
+            "latency": entry.stats["latency"], "allocation": entry.stats["allocation"],
+            "widths": entry.stats["widths"], "macs_removed": round(1 - entry.macs_after / entry.macs_before, 4)}
+    for name, model in int8.items():
+        rows[name] = agreement(batched(model, images), reference, decisive)
+    record["latency_int8"] = latency(int8, images[:16].contiguous(), (16,), args.runs, "unpruned-int8")
 
 
 def render(record: dict) -> str:
@@ -274,6 +290,7 @@ def main() -> None:
     parser.add_argument("--latency-prune", default="{}",
                         help="more prune options for the latency rows, as JSON, e.g. '{\"allocation\": \"uniform\"}'")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
+    parser.add_argument("--int8-only", action="store_true", help="with --int8: only the int8 rows")
     parser.add_argument("--no-torch-pruning", action="store_true")
     parser.add_argument("--recover", default="{}",
                         help="more recovery options for every pruned row, as JSON, e.g. '{\"augment\": \"none\"}'")

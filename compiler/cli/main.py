@@ -96,6 +96,9 @@ def _target_steps(target: str) -> int:
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
 @click.option("--prune-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Prune channels until this fraction of the MACs is gone (e.g. 0.3), before any quantisation.")
+@click.option("--prune-latency", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Prune channels until the model runs in this share of its measured latency in the target's "
+                   "runtime (e.g. 0.7), timed at the example's batch; instead of --prune-macs.")
 @click.option("--low-rank-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Factorise convs and linears into low-rank chains until this fraction of their MACs is gone "
                    "(e.g. 0.3), after any pruning and before any quantisation.")
@@ -107,7 +110,7 @@ def _target_steps(target: str) -> int:
                    "refuses data without images); none trains on the samples as they are.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
-                    prune_macs, low_rank_macs, recover_seconds, recover_augment, as_json) -> None:
+                    prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -116,19 +119,24 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
       fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
       fxpress compile digits-cnn -o out-pruned/ --prune-macs 0.5 --recover-seconds 30
+      fxpress compile efficientnet-lite0 -o out-fast/ --prune-latency 0.7
       fxpress compile minilm-l6 -o out-low-rank/ --low-rank-macs 0.3
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api
     from compiler.artifact import check_destination
     from compiler.cli import model_source
+    from compiler.errors import UsageError
 
+    if prune_macs is not None and prune_latency is not None:
+        raise UsageError("give one pruning budget: --prune-macs or --prune-latency, not both")
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
     chosen = _with_float_modules(target, float_modules)
-    compresses = prune_macs is not None or low_rank_macs is not None
+    prune = {"macs": prune_macs} if prune_macs is not None else \
+        {"latency": prune_latency} if prune_latency is not None else None
+    compresses = prune is not None or low_rank_macs is not None
     calibration = _calibration(source, chosen, calibration_samples, compresses and recover_seconds > 0,
                                low_rank_macs is not None)
-    prune = None if prune_macs is None else {"macs": prune_macs}
     low_rank = None if low_rank_macs is None else {"macs": low_rank_macs}
     with _progress(_target_steps(target), f"compiling {source.name}") as step:
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,

@@ -256,7 +256,8 @@ class PruneChannels(Pass):
                         for out, ref in zip(_float_outputs(trial, inputs), reference, strict=True))
             removed = float(scores[index].sort(descending=True).values[half:].sum())
             scaled.append(scores[index] * (noise / signal / removed if removed > 0 else 0.0))
-            errors[group.members[0].module_path or "<root>"] = round(noise / signal, 6)
+            path = group.members[0].module_path or "<root>"
+            errors[path if path not in errors else f"{path}#{index}"] = round(noise / signal, 6)
         stats["sensitivity"] = {"samples": int(inputs[0].shape[0]), "output_error_at_half": errors}
         return scaled
 

@@ -218,6 +218,25 @@ def test_the_command_prunes_and_recovers_a_zoo_model(tmp_path):
     assert passes[-3:] == ["prune_channels", "eliminate_dead_code", "recover"]
 
 
+def test_the_command_prunes_to_a_latency(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXPRESS_CACHE_DIR", str(tmp_path / "cache"))  # the layer table of this machine
+    result = CliRunner().invoke(main, ["compile", "digits-cnn", "-o", str(tmp_path / "out"), "--prune-latency", "0.8",
+                                       "--recover-seconds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    prune = next(entry for entry in json.loads(result.stdout)["report"]["passes"] if entry["name"] == "prune_channels")
+    assert prune["stats"]["budget"] == {"latency": 0.8}
+    assert prune["stats"]["allocation"] == "sensitivity"
+    assert prune["stats"]["latency"]["attempts"]
+
+
+def test_the_command_refuses_two_pruning_budgets(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "digits-cnn", "-o", str(tmp_path / "out"), "--prune-macs", "0.3",
+                                       "--prune-latency", "0.7"])
+    assert result.exit_code == 2
+    assert "--prune-macs or --prune-latency, not both" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_command_switches_mirroring_off(tmp_path):
     result = CliRunner().invoke(main, ["compile", "digits-cnn", "-o", str(tmp_path / "out"), "--prune-macs", "0.5",
                                        "--recover-seconds", "1", "--recover-augment", "none", "--json"])

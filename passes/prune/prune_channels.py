@@ -10,10 +10,11 @@ them). The kept channels are chosen by
   of cost over all groups, each group's scores first rescaled to the model output's error: the
   group is cut alone to half its channels on calibration samples and the output's relative squared
   error divided by the scores of the channels cut. Measured on EfficientNet-Lite0 after 180 s of
-  recovery (``python -m bench.prune_peers --train 2048``): at ``latency=0.7`` it kept 79.6% top-1
-  agreement at 0.70x of the unpruned latency (batch 16), where ``global`` kept 74.4% at 0.69x and
-  ``uniform`` 76.2% at 0.66x; at -30% MACs, though, it cut the late, cheap-per-MAC layers and ran at
-  0.79x against uniform's 0.72x, at 79.0% against 81.0%; or
+  recovery (``bench/prune_peers.py --train 2048``, ``--latency-prune`` and ``--prune`` choosing the
+  allocation): at ``latency=0.7`` it kept 79.6% top-1 agreement at 0.70x of the unpruned latency
+  (batch 16), where ``global`` kept 74.4% at 0.69x and ``uniform`` 76.2% at 0.66x; at -30% MACs,
+  though, it cut the late layers, cheap in time per MAC, and ran at 0.79x against uniform's
+  0.72x, at 79.0% against 81.0%; or
 * ``allocation="global"``: one threshold on raw score per MAC (parameter, or measured second)
   a channel costs, over all groups.
 

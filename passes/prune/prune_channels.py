@@ -97,7 +97,13 @@ class PruneChannels(Pass):
     def _data_aware(self) -> bool:
         """Whether scoring, allocating or re-fitting reads calibration data."""
         return (bool(self.options["reconstruct"]) or self.options["importance"] in ("reconstruction", "taylor")
-                or self.options["allocation"] == "sensitivity")
+                or self._allocation() == "sensitivity")
+
+    def _allocation(self) -> str:
+        """The allocation asked, ``"auto"`` resolved: sensitivity for a latency budget, uniform otherwise."""
+        if self.options["allocation"] != "auto":
+            return self.options["allocation"]
+        return "sensitivity" if self.options["latency"] else "uniform"
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Options in range: one budget in [0, 1), a known importance and allocation, a positive rounding."""
@@ -146,9 +152,7 @@ class PruneChannels(Pass):
         self.timer, self.batch = ctx.layer_timer, self.options["latency_batch"] or int(ctx.probe_inputs[0].shape[0])
         groups, skipped = self._candidates(gm)
         kind = next((key for key in _BUDGETS if self.options[key]), "macs")
-        self.allocation = self.options["allocation"]
-        if self.allocation == "auto":
-            self.allocation = "sensitivity" if kind == "latency" else "uniform"
+        self.allocation = self._allocation()
         if self.options[kind] == 0 or not groups:
             return PassResult(gm, modified=False, stats={"groups_pruned": 0, "skipped": _counted(skipped)})
         stats: dict = {"budget": {kind: self.options[kind]}}

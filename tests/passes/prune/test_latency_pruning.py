@@ -104,7 +104,15 @@ def test_a_latency_budget_prunes_and_records_the_measured_latency(digits, tmp_pa
     assert 1 <= len(record["attempts"]) <= 4
     for attempt in record["attempts"]:
         assert attempt["predicted"] > 0 and attempt["measured"] > 0 and 0 <= attempt["kept_share"] < 1
-    assert record["met"] == (record["attempts"][-1]["measured"] <= 0.6)
+    assert record["met"] == any(attempt["measured"] <= 0.6 for attempt in record["attempts"])
+    chosen = record["attempts"][record["chosen"]]  # the met try keeping most channels, else the last
+    assert chosen["kept_share"] == entry.stats["kept_share"]
+    if record["met"]:
+        assert chosen["measured"] <= 0.6
+        assert all(attempt["kept_share"] <= chosen["kept_share"] for attempt in record["attempts"]
+                   if attempt["measured"] <= 0.6)
+    assert entry.stats["allocation"] == "sensitivity"
+    assert set(entry.stats["sensitivity"]["output_error_at_half"]) == {"conv1", "conv2"}  # round_to 8
     assert entry.stats["widths"] and entry.macs_after < entry.macs_before
     assert list((tmp_path / "latency").glob("*.json"))  # the table is kept for the next compile
     images = digits.eval_data(5)[0]  # the runtime computes what the pruned IR computes, at another batch
@@ -122,6 +130,12 @@ def test_bad_latency_options_are_refused(digits, options, message):
     context = PassContext(digits.example_inputs, digits.example_inputs, layer_timer=object())
     with pytest.raises(PassError, match=message):
         PruneChannels(**options).requires(gm, context)
+
+
+def test_a_latency_budget_reads_calibration_data_to_allocate_unless_told_otherwise():
+    assert PruneChannels(latency=0.7, importance="l1", reconstruct=False).needs_calibration  # sensitivity
+    assert not PruneChannels(latency=0.7, importance="l1", reconstruct=False, allocation="uniform").needs_calibration
+    assert not PruneChannels(macs=0.3, importance="l1", reconstruct=False).needs_calibration  # uniform
 
 
 def test_a_backend_that_cannot_time_layers_is_refused_a_latency_budget(digits):

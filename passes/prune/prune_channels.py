@@ -33,7 +33,8 @@ at its shape and at ``round_to`` fewer channels (``compiler.layer_shapes``; ONNX
 table on disk, one per CPU, so each shape is measured once per machine), the share is bisected on
 the table's predicted latency, and the pruned copy is then exported and timed side by side with the
 unpruned model at ``latency_batch``; when it misses, or lands more than ``_LATENCY_SLACK`` under
-the ratio asked, the aim moves by the miss (at most four tries), and the try keeping most channels
+the ratio asked, the aim moves by the miss, kept between the highest aim that met and the lowest
+that missed (at most four tries), and the try keeping most channels
 among those that met the ratio is cut. The ledger keeps each try's predicted and measured ratio.
 A target that quantises times the layers in its integer kernels (the backend's
 ``layer_timer("int8")``), where the cost of a channel differs: on EfficientNet-Lite0 at batch 16
@@ -209,7 +210,7 @@ class PruneChannels(Pass):
         """
         wanted, full = self.options["latency"], self._measure(gm, "latency")
         batched = _batched(inputs, self.batch)
-        aim, attempts = wanted, []
+        aim, attempts, bounds = wanted, [], [0.0, math.inf]  # the highest aim that met, the lowest that missed
         for _ in range(_LATENCY_ATTEMPTS):
             share = self._share(gm, groups, scores, costs, inputs, aim * full, "latency")
             trial = copy.deepcopy(gm)
@@ -222,7 +223,8 @@ class PruneChannels(Pass):
                              "measured": round(measured, 4)})
             if wanted - _LATENCY_SLACK <= measured <= wanted or (share == 0 and measured > wanted):
                 break  # met closely, or every group is at its floor already
-            aim *= wanted / measured  # lower when it missed, higher when it cut more than asked
+            bounds = [max(bounds[0], aim), bounds[1]] if measured <= wanted else [bounds[0], min(bounds[1], aim)]
+            aim = next_aim(aim, wanted / measured, bounds)
         self.timer.save()
         met = [attempt for attempt in attempts if attempt["measured"] <= wanted]
         chosen = max(met, key=lambda attempt: attempt["kept_share"]) if met else attempts[-1]
@@ -462,6 +464,20 @@ def narrower(shape: LayerShape, member: Member, channels: int) -> LayerShape:
         return dataclasses.replace(shape, in_channels=shape.in_channels - channels * member.per_channel)
     return dataclasses.replace(shape, in_channels=shape.in_channels - channels,
                                out_channels=shape.out_channels - channels, groups=shape.groups - channels)
+
+
+def next_aim(aim: float, correction: float, bounds: list[float]) -> float:
+    """The next latency aim: ``aim`` scaled by the miss, or halfway between the bounds outside them.
+
+    Scaled lower when it missed, higher when it cut more than asked; halfway between the highest
+    aim that met and the lowest that missed where the scaled aim falls outside them (timing noise
+    makes the scaled one overshoot both ways).
+    """
+    met, missed = bounds
+    proposal = aim * correction
+    if missed < math.inf and met > 0 and not met < proposal < missed:
+        return (met + missed) / 2
+    return proposal
 
 
 def _float_outputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -19,7 +19,7 @@ from compiler.layer_shapes import LayerShape, layer_shapes
 from compiler.pass_base import PassContext
 from compiler.pipeline import run_pipeline
 from passes.prune.groups import Member
-from passes.prune.prune_channels import PruneChannels, narrower
+from passes.prune.prune_channels import PruneChannels, narrower, next_aim
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,10 @@ def test_a_backend_that_cannot_time_layers_is_refused_a_latency_budget(digits):
     context = PassContext(digits.example_inputs, digits.example_inputs, target_name="toy", layer_timer=None)
     with pytest.raises(PassError, match="'toy''s backend cannot time layers"):
         PruneChannels(latency=0.7).requires(gm, context)
+
+
+def test_the_latency_aim_follows_the_miss_until_bracketed_then_halves_the_bracket():
+    assert next_aim(0.8, 0.8 / 0.9, [0.0, 0.8]) == pytest.approx(0.8 * 0.8 / 0.9)  # missed: aim lower
+    assert next_aim(0.8, 0.8 / 0.7, [0.8, float("inf")]) == pytest.approx(0.8 * 0.8 / 0.7)  # cut too much: higher
+    assert next_aim(0.8019, 0.8 / 0.7158, [0.8019, 0.8543]) == pytest.approx((0.8019 + 0.8543) / 2)  # overshoot
+    assert next_aim(0.8543, 0.8 / 0.8523, [0.8, 0.8543]) == pytest.approx(0.8543 * 0.8 / 0.8523)  # inside

@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     zoo = models.load(args.model)
     train = zoo.calibration_data(args.train)[0]
-    data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)],
-            "recover": json.loads(args.recover)}
+    data = {"calibration_data": [(train[: args.calibration],)], "train_data": [(train,)], "recover": args.recover}
     images = zoo.eval_data(args.eval)[0]
     reference = batched(zoo.model, images)
     top2 = reference.softmax(1).topk(2, dim=1).values
@@ -165,12 +164,11 @@ def run(args: argparse.Namespace) -> dict:
 def fp32_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: dict, record: dict) -> None:
     """The fp32 rows (unpruned, fxpress, fxpress-latency, Torch-Pruning) and their latency table."""
     images, reference, decisive = held_out
-    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
     compiled = {}
     began = time.perf_counter()
     compiled["unpruned"] = compile(zoo.model, "cpu-fp32", zoo.example_inputs)
     fx_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
-                       prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
+                       prune={"macs": args.macs, **args.prune}, recover_seconds=args.seconds)
     compiled["fxpress"] = fx_model
     entry = fx_model.report.entry("prune_channels")
     rows["fxpress"] = {**agreement(batched(fx_model, images), reference, decisive),
@@ -182,7 +180,7 @@ def fp32_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: 
     if args.latency:
         began = time.perf_counter()
         lat_model = compile(zoo.model, "cpu-fp32", zoo.example_inputs, **data,
-                            prune={"latency": args.latency, "latency_batch": 16, **latency_options},
+                            prune={"latency": args.latency, "latency_batch": 16, **args.latency_prune},
                             recover_seconds=args.seconds)
         compiled["fxpress-latency"] = lat_model
         entry = lat_model.report.entry("prune_channels")
@@ -211,15 +209,14 @@ def fp32_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: 
 def int8_rows(zoo, args: argparse.Namespace, data: dict, held_out: tuple, rows: dict, record: dict) -> None:
     """The cpu-int8 rows (unpruned, pruned by MACs, by latency) and their latency table at batch 16."""
     images, reference, decisive = held_out
-    options, latency_options = json.loads(args.prune), json.loads(args.latency_prune)
     int8 = {"unpruned-int8": compile(zoo.model, "cpu-int8", zoo.example_inputs,
                                      calibration_data=data["calibration_data"])}
     int8["fxpress-int8"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
-                                   prune={"macs": args.macs, **options}, recover_seconds=args.seconds)
+                                   prune={"macs": args.macs, **args.prune}, recover_seconds=args.seconds)
     if args.latency:
         int8["fxpress-int8-latency"] = compile(zoo.model, "cpu-int8", zoo.example_inputs, **data,
                                                prune={"latency": args.latency, "latency_batch": 16,
-                                                      **latency_options},
+                                                      **args.latency_prune},
                                                recover_seconds=args.seconds)
         entry = int8["fxpress-int8-latency"].report.entry("prune_channels")
         record["fxpress_int8_latency_ledger"] = {
@@ -284,15 +281,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--latency", type=float, default=0.0,
                         help="also fxpress with prune={'latency': R, 'latency_batch': 16} (e.g. 0.7)")
-    parser.add_argument("--prune", default="{}",
+    parser.add_argument("--prune", type=json.loads, default={},
                         help="more prune options for the MAC-driven fxpress rows, as JSON, e.g. "
                              "'{\"allocation\": \"uniform\"}'")
-    parser.add_argument("--latency-prune", default="{}",
+    parser.add_argument("--latency-prune", type=json.loads, default={},
                         help="more prune options for the latency rows, as JSON, e.g. '{\"allocation\": \"uniform\"}'")
     parser.add_argument("--int8", action="store_true", help="also pruned then cpu-int8 against unpruned cpu-int8")
     parser.add_argument("--int8-only", action="store_true", help="with --int8: only the int8 rows")
     parser.add_argument("--no-torch-pruning", action="store_true")
-    parser.add_argument("--recover", default="{}",
+    parser.add_argument("--recover", type=json.loads, default={},
                         help="more recovery options for every pruned row, as JSON, e.g. '{\"augment\": \"none\"}'")
     run_and_report(parser.parse_args(), run, render)
 

@@ -74,7 +74,7 @@ class LowRank(Pass):
     name = "low_rank"
     exact = False
     default_options = {"macs": 0.0, "params": 0.0, "energy": 0.0, "method": "activation", "allocation": "auto",
-                       "round_to": "auto", "protect": [], "refit": True, "samples": 128, "probe_samples": 32,
+                       "round_to": "auto", "protect": [], "refit": True, "samples": 512, "probe_samples": 128,
                        "savings_only": True, "weighting": "gradient"}
 
     def __init__(self, **options):

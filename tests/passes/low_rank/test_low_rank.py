@@ -95,15 +95,19 @@ def test_output_aware_truncation_beats_plain_svd_at_the_same_ranks(name):
     assert errors["activation"] < 0.7 * errors["svd"], errors
 
 
-def test_sensitivity_allocation_and_refit_each_help(mlp):
-    """The defaults (measured allocation, sequential re-fit) against uniform ranks without re-fit."""
-    data = [mlp.calibration_data(256)]
+def test_sensitivity_allocation_and_refit_each_help(digits):
+    """The defaults (measured allocation, sequential re-fit) against uniform ranks, and against no re-fit.
+
+    On digits-cnn, whose convs give many rows per weight; the mlp's data is too low-rank for either
+    to show (its cut layers lose nothing at the measured ranks, and it has too few rows to re-fit).
+    """
+    data = [digits.calibration_data(256)]
     errors = {}
     for label, options in {"default": {}, "uniform": {"allocation": "uniform"}, "no refit": {"refit": False}}.items():
-        compiled = compile(mlp.model, "cpu-fp32", mlp.example_inputs, calibration_data=data,
-                           low_rank={"macs": 0.5, **options}, recover_seconds=0)
-        errors[label] = output_error(compiled, mlp)
-    assert errors["default"] < errors["uniform"] and errors["default"] < errors["no refit"], errors
+        compiled = compile(digits.model, "cpu-fp32", digits.example_inputs, calibration_data=data,
+                           low_rank={"macs": 0.5, "round_to": 4, **options}, recover_seconds=0)
+        errors[label] = output_error(compiled, digits)
+    assert errors["default"] < 0.5 * min(errors["uniform"], errors["no refit"]), errors
 
 
 def test_mac_budget_met_with_ranks_in_the_backends_block(mlp):

@@ -29,10 +29,10 @@ half its cost and the model output's error measured on ``probe_samples`` samples
 layer's own error curve; or ``"uniform"`` (default for ``svd``): the same share of every layer's cost.
 Measured on MiniLM's FFN layers at -20% of its Linear MACs, no recovery, 500 held-out sentences
 (``python -m bench.low_rank_peers``): plain SVD left cosine 0.711 to the original embeddings, this
-pass 0.970 (0.969 with the earlier ``samples=128, probe_samples=32``). On all Linear layers at -30% before recovery, an eager prototype of the truncation
-(512 calibration sentences, no weighting, no re-fit) measured 0.893 at uniform ranks and 0.944
-with the sensitivity allocation; in the pass (1024 sentences) the re-fit brought it to 0.955 and
-the gradient weighting to 0.963.
+pass 0.970 (0.969 with the earlier ``samples=128, probe_samples=32``). On all Linear layers at -30%
+before recovery, an eager prototype of the truncation (512 calibration sentences, no weighting, no
+re-fit) measured 0.893 at uniform ranks and 0.944 with the sensitivity allocation; in the pass (1024
+sentences) the re-fit brought it to 0.955 and the gradient weighting to 0.963.
 
 Padded token data is read at its real tokens only (:func:`compiler.sequences.calibration_samples`).
 """

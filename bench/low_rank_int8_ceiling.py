@@ -28,6 +28,7 @@ import onnxruntime as ort
 import torch
 
 import models
+from backends.onnxruntime.backend import make_session
 from bench.prune_peers import run_and_report
 from compiler import compile
 from compiler.timing import time_side_by_side
@@ -72,14 +73,9 @@ def profile_minilm(args: argparse.Namespace) -> dict:
     zoo = models.load("minilm-l6")
     compiled = compile(zoo.model, "cpu-int8-dynamic", zoo.example_inputs)
     input_ids, mask = zoo.eval_data(16, seq_len=128)
+    feed = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
     with tempfile.TemporaryDirectory() as folder:
-        artifact = compiled.save(Path(folder) / "artifact")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(folder) / "profile")
-        session = ort.InferenceSession(str(artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        feed = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
+        session = make_session(compiled.onnx, "all", torch.get_num_threads(), profile_prefix=str(Path(folder) / "p"))
         for _ in range(3 + args.profile_runs):
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -88,6 +84,8 @@ def profile_minilm(args: argparse.Namespace) -> dict:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             by_op[event["args"]["op_name"]] += event["dur"]
     total = sum(by_op.values())
+    if not total:
+        raise RuntimeError("ONNX Runtime's profile held no kernel events: has its profile format changed?")
     shares = {op: round(us / total, 4) for op, us in by_op.most_common()}
     return {"op_shares": shares, "integer_gemm_share": round(sum(shares.get(op, 0.0) for op in INTEGER_GEMMS), 4)}
 

@@ -39,7 +39,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper
 
 from backends.onnx.export import ExportRequest, export_onnx
-from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, make_session, session_options
+from backends.onnxruntime.backend import make_session
 from compiler.layer_shapes import LayerShape
 from compiler.quiet import quiet_torch
 from compiler.timing import time_side_by_side
@@ -152,11 +152,7 @@ def _time_layer(shape: LayerShape, threads: int, precision: str) -> float:
     """
     model, feed = _layer_model(shape, precision)
     with tempfile.TemporaryDirectory() as directory:
-        options = session_options("all", threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(directory) / "layer")
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                       disabled_optimizers=list(DISABLED_OPTIMIZERS))
+        session = make_session(model, "all", threads, profile_prefix=str(Path(directory) / "layer"))
         session.run(None, feed)
         runs, started = 0, time.perf_counter()
         while runs < _MIN_RUNS or time.perf_counter() - started < _MIN_SECONDS:

@@ -20,6 +20,10 @@ def test_chain_rank_removes_the_mac_share_in_blocks_of_16(features_in, features_
 def test_gemm_rows_time_dense_and_chain_for_both_targets():
     rows = time_gemms(argparse.Namespace(tokens=32, runs=4))
     assert len(rows) == 2 * len(SHAPES)
-    for shape_and_target, row in rows.items():
-        dense, chain = row.values()
-        assert dense["ratio"] == 1.0 and chain["p50_ms"] > 0, shape_and_target
+    for (features_in, features_out) in SHAPES:
+        for target in ("cpu-fp32", "cpu-int8-dynamic"):
+            row = rows[f"{features_in}x{features_out} {target}"]
+            assert list(row) == ["dense", f"rank {chain_rank(features_in, features_out)}"]
+            dense, chain = row.values()
+            assert dense["ratio"] == 1.0 and chain["p50_ms"] > 0
+            assert chain["ratio"] == pytest.approx(chain["p50_ms"] / dense["p50_ms"], abs=0.02)  # from unrounded times

@@ -6,8 +6,9 @@ Backends import the core and never ``passes`` or the driver; the driver reaches 
 from __future__ import annotations
 
 from backends.onnxruntime import OnnxRuntimeBackend
+from backends.tensorrt.backend import TensorRTBackend
 from compiler.backend_base import Backend
 
-REGISTRY: dict[str, type[Backend]] = {cls.name: cls for cls in (OnnxRuntimeBackend,)}
+REGISTRY: dict[str, type[Backend]] = {cls.name: cls for cls in (OnnxRuntimeBackend, TensorRTBackend)}
 
 __all__ = ["REGISTRY"]

@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from compiler import probe
-from compiler.artifact import MANIFEST_FILE, MODEL_FILE, REPORT_JSON, read_manifest, read_model
+from compiler.artifact import DATA_FILE, MANIFEST_FILE, MODEL_FILE, REPORT_JSON, read_manifest, read_model
 from compiler.backend_base import Backend, LoweringRequest, Runner
 from compiler.capture import DynamicDims
 from compiler.compiled import CompiledModel
@@ -115,6 +115,7 @@ def compile(  # noqa: A001 - the product's name for it
         result.graph_module, result.inputs, result.captured.input_names, output_names,
         result.captured.dynamic_dims,
     ))
+    result.ledger.fallbacks.extend(lowered.warnings)
     _check_lowered(result, lowered.runner.run(result.inputs), lowered.info, backend)
     if strict and len(result.ledger.fallbacks) > len(fallbacks):
         raise FallbackError("strict mode: lowering recorded: " + "; ".join(result.ledger.fallbacks[len(fallbacks):]))
@@ -124,6 +125,7 @@ def compile(  # noqa: A001 - the product's name for it
     return CompiledModel(
         lowered.model, lowered.runner, result.ledger, manifest, result.captured.output_spec,
         result.captured.output_constants, graph_module=result.graph_module, emulator=backend.emulate,
+        files=lowered.files,
     )
 
 
@@ -217,7 +219,7 @@ def _check_against_simulation(
 def _simulate(result: PipelineResult, backend: Backend) -> tuple[tuple[torch.Tensor, ...], str]:
     """The integer emulation of the probe batch; the float simulation, recorded, where the IR defeats it."""
     try:
-        return backend.emulate(result.graph_module, *result.inputs), "integer emulation"
+        return backend.emulate(result.graph_module, *result.inputs), backend.emulation
     except EmulationError as error:
         result.ledger.fallbacks.append(f"integer emulation failed ({error}); compared with the float simulation")
         return probe.run_annotated(result.graph_module, result.inputs), "float simulation"
@@ -242,7 +244,11 @@ def load(directory: str | Path) -> CompiledModel:
     runner = _load_runner(directory, backend, model)
     report = _report(directory, manifest)
     constants = {int(index): value for index, value in manifest.get("output_constants", {}).items()}
-    return CompiledModel(model, runner, report, manifest, output_spec, constants)
+    files = {name: (directory / name).read_bytes() for name in manifest.get("files", {}) if name not in _OWN_FILES}
+    return CompiledModel(model, runner, report, manifest, output_spec, constants, files=files)
+
+
+_OWN_FILES = frozenset({MODEL_FILE, DATA_FILE})  # written from the model itself, not as extra files
 
 
 def _report(directory: Path, manifest: dict) -> Ledger:

@@ -31,14 +31,18 @@ FORMAT = "fxpress-artifact/1"
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
 
-def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, report: Ledger, *, force: bool) -> Path:
-    """Write the artifact atomically; refuse an existing non-empty destination unless ``force``."""
+def write_artifact(directory: Path, model: onnx.ModelProto, manifest: dict, report: Ledger, *, force: bool,
+                   files: dict[str, bytes] | None = None) -> Path:
+    """Write the artifact atomically; refuse an existing non-empty destination unless ``force``.
+
+    ``files``: further files (name -> bytes, plain names in the directory), checksummed like the model.
+    """
     directory = Path(os.path.abspath(directory))
     check_destination(directory, force)
     _remove_stale_staging(directory)
     staging = _make_staging(directory)
     try:
-        _write_files(staging, model, manifest, report)
+        _write_files(staging, model, manifest, report, files or {})
         _swap_into_place(staging, directory, force)
     except OSError as error:  # disk full, permissions changed mid-write: an I/O error, not our bug
         shutil.rmtree(staging, ignore_errors=True)
@@ -98,7 +102,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: Ledger) -> None:
+def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: Ledger,
+                 extra: dict[str, bytes]) -> None:
     external = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
     if external:  # saving with external data strips the weights out of the proto: save a copy
         model = _copy(model)
@@ -107,6 +112,11 @@ def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: 
         all_tensors_to_one_file=True, location=DATA_FILE,
     )
     files = [MODEL_FILE] + ([DATA_FILE] if external else [])
+    for name, data in sorted(extra.items()):
+        if Path(name).name != name or name in (MODEL_FILE, DATA_FILE, MANIFEST_FILE, REPORT_JSON, REPORT_TEXT):
+            raise ArtifactError(f"artifact file name {name!r} is not a plain, free file name")
+        (staging / name).write_bytes(data)
+        files.append(name)
     manifest = {**manifest, "files": {name: sha256_of(staging / name) for name in files}}
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (staging / REPORT_JSON).write_text(report.to_json() + "\n")

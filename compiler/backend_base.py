@@ -34,11 +34,18 @@ class Runner(Protocol):
 
 @dataclass
 class Lowered:
-    """A backend's result: the ONNX model, a runner for it, and facts for the ledger."""
+    """A backend's result: the ONNX model, a runner for it, and facts for the ledger.
+
+    ``files``: further files of the artifact (name -> bytes), written beside ``model.onnx`` and
+    checksummed in the manifest. ``warnings``: what the ledger must record as fallbacks (strict
+    mode refuses them).
+    """
 
     model: onnx.ModelProto
     runner: Runner
     info: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Backend:
@@ -46,6 +53,7 @@ class Backend:
 
     name: ClassVar[str] = ""
     default_options: ClassVar[dict[str, Any]] = {}
+    emulation: ClassVar[str] = "integer emulation"  # what ``emulate`` computes, for the ledger
 
     def __init__(self, **options: Any):
         unknown = sorted(set(options) - set(self.default_options))

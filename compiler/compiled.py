@@ -28,6 +28,7 @@ class CompiledModel:
         output_constants: dict[int, object] | None = None,
         graph_module: torch.fx.GraphModule | None = None,
         emulator: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+        files: dict[str, bytes] | None = None,
     ):
         self._model = model
         self._runner = runner
@@ -38,6 +39,7 @@ class CompiledModel:
         self.graph_module = graph_module  # the optimised IR; None for a model loaded from disk
         self._emulator = emulator  # the backend's emulation of its kernels, where it has one
         self._input_specs = specs_from_manifest(manifest)
+        self.files = dict(files or {})  # the backend's further artifact files (name -> bytes)
 
     @property
     def onnx(self) -> onnx.ModelProto:
@@ -109,10 +111,10 @@ class CompiledModel:
         return pytree.tree_unflatten(flat, self._output_spec)
 
     def save(self, directory: str | Path, *, force: bool = False) -> Path:
-        """Write ``model.onnx``, ``manifest.json``, ``report.json`` and ``report.txt`` atomically."""
+        """Write the model, manifest, reports and the backend's further files into ``directory``, atomically."""
         from compiler.artifact import write_artifact
 
-        return write_artifact(Path(directory), self._model, self.manifest, self.report, force=force)
+        return write_artifact(Path(directory), self._model, self.manifest, self.report, force=force, files=self.files)
 
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.report.target!r}, inputs={self.input_names})"

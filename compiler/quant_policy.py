@@ -80,6 +80,16 @@ class QuantPolicy:
         depthwise_weight_bits: for depthwise convolutions, whose kernels accumulate in int32 (8 here).
         quantize_model_outputs: quantise tensors that are model outputs (off: logits stay exact
             float from the last integer kernel).
+        quantize_weighted_outputs: quantise the output of conv and linear ops (ONNX Runtime's integer
+            kernels write integers); off for TensorRT, whose kernels write float unless a quantised
+            consumer follows and which fuses the next quantiser itself.
+        residual_skip_only: at a residual add (one input from a quantised conv, see
+            :func:`residual_inputs`), quantise only the other (skip) input, so that TensorRT fuses the
+            add into the conv with an int8 residual; off: the add is an integer op like any other.
+        quantize_bias: store biases as int32 on the input-times-weight grid (ONNX Runtime); off: float.
+        min_gemm_channels: weighted ops with fewer input or output channels than this stay float
+            (TensorRT has no int8 kernels for them; the conv exceptions follow ModelOpt's int8 rule).
+        share_concat_scale: every quantised input of a concat and its output share one range.
     """
 
     name: str
@@ -96,14 +106,23 @@ class QuantPolicy:
     weight_bits: int = 8
     depthwise_weight_bits: int = 8
     quantize_model_outputs: bool = False
+    quantize_weighted_outputs: bool = True
+    residual_skip_only: bool = False
+    quantize_bias: bool = True
+    min_gemm_channels: int = 0
+    share_concat_scale: bool = False
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):
             raise TargetError(f"policy {self.name!r}: activation_dtype must be 'uint8' or 'int8', "
                               f"got {self.activation_dtype!r}")
-        if not isinstance(self.activation_symmetric, bool):
-            raise TargetError(f"policy {self.name!r}: activation_symmetric must be true or false, "
-                              f"got {self.activation_symmetric!r}")
+        for key in ("activation_symmetric", "quantize_model_outputs", "quantize_weighted_outputs",
+                    "residual_skip_only", "quantize_bias", "share_concat_scale"):
+            if not isinstance(getattr(self, key), bool):
+                raise TargetError(f"policy {self.name!r}: {key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.min_gemm_channels, int) or self.min_gemm_channels < 0:
+            raise TargetError(f"policy {self.name!r}: min_gemm_channels must be an integer >= 0, "
+                              f"got {self.min_gemm_channels!r}")
         for key in ("weight_bits", "depthwise_weight_bits"):
             if getattr(self, key) not in (7, 8):
                 raise TargetError(f"policy {self.name!r}: {key} must be 7 or 8, got {getattr(self, key)!r}")
@@ -123,11 +142,24 @@ class QuantPolicy:
         return 2 ** (self.weight_bits - 1) - 1
 
     def keeps_float(self, node: fx.Node) -> bool:
-        """Whether an override (op type, module path) or an analysis (``QUANT_DECISION``) keeps ``node`` in float."""
-        if ir.op_name(node) in self.float_ops or meta.QUANT_DECISION in node.meta:
-            return True
+        """Whether an override (op type, module path), an analysis or the op's size keeps ``node`` in float."""
+        return self.float_reason(node) is not None
+
+    def float_reason(self, node: fx.Node) -> str | None:
+        """Why ``node`` stays in float (for the ledger), or None when nothing keeps it there."""
+        name = ir.op_name(node)
+        if name in self.float_ops:
+            return f"{name} is kept in float by policy {self.name!r}"
+        if meta.QUANT_DECISION in node.meta:
+            return str(node.meta[meta.QUANT_DECISION])
         path = ir.module_path(node)
-        return any(fnmatch.fnmatchcase(path, pattern) or path == pattern for pattern in self.float_modules)
+        matched = next((pattern for pattern in self.float_modules
+                        if fnmatch.fnmatchcase(path, pattern) or path == pattern), None)
+        if matched is not None:
+            return f"module path matches float_modules pattern {matched!r}"
+        if self.min_gemm_channels and name in WEIGHTED:
+            return small_channels(node, self.min_gemm_channels)
+        return None
 
     def role(self, node: fx.Node) -> str | None:
         """``"weighted"``, ``"integer"``, ``"passthrough"``, ``"activation"`` or None (float)."""
@@ -142,9 +174,18 @@ class QuantPolicy:
             return None
         if name in self.weighted_ops and _has_constant_weight(node):
             return "weighted"
-        if name in self.integer_ops and _float_tensor_inputs(node, INTEGER[name]) and self._feeds_integer(node):
-            return "integer"
-        return None
+        if name not in self.integer_ops or not _float_tensor_inputs(node, INTEGER[name]):
+            return None
+        if self.residual_skip_only and self.residual_inputs(node) is not None:
+            return "residual"
+        return "integer" if self._feeds_integer(node) else None
+
+    def residual_inputs(self, node: fx.Node) -> tuple[int, int] | None:
+        """(conv-side input index, skip input index) of a residual add whose conv this policy quantises, else None."""
+        found = residual_inputs(node)
+        if found is None or self.role(conv_backbone(node.args[found[0]])) != "weighted":
+            return None
+        return found
 
     def _feeds_integer(self, node: fx.Node) -> bool:
         """Every reader, through pass-through ops and fused activations, is a conv, linear or integer op.
@@ -177,7 +218,117 @@ class QuantPolicy:
             "weight_bits": self.weight_bits,
             "depthwise_weight_bits": self.depthwise_weight_bits,
             "quantize_model_outputs": self.quantize_model_outputs,
+            "quantize_weighted_outputs": self.quantize_weighted_outputs,
+            "residual_skip_only": self.residual_skip_only, "quantize_bias": self.quantize_bias,
+            "min_gemm_channels": self.min_gemm_channels, "share_concat_scale": self.share_concat_scale,
         }
+
+
+_CONVS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d"})
+_ADDS = frozenset({"aten.add", "aten.add_"})
+
+
+def conv_backbone(value: object) -> fx.Node | None:
+    """The convolution whose output ``value`` is, directly or through single-reader fused activations."""
+    while isinstance(value, fx.Node) and value.op == "call_function":
+        name = ir.op_name(value)
+        if name in _CONVS:
+            return value
+        if name not in FUSED_ACTIVATIONS or not isinstance(value.args[0], fx.Node) or len(value.args[0].users) != 1:
+            return None
+        value = value.args[0]
+    return None
+
+
+def residual_inputs(node: fx.Node) -> tuple[int, int] | None:
+    """(conv-side index, skip index) when ``node`` is a residual add, as TensorRT fuses it into a conv.
+
+    A residual add sums two tensors, at least one the output of a convolution (its backbone). With
+    one backbone, that input is the conv side, unless the other input descends from the backbone
+    itself (a conv whose output also feeds a side branch: no fusion). With two, the conv side is
+    the input on the longer path from the inputs' lowest common ancestor, input 0 on a tie. The
+    same definition as the TensorRT placement linter's (:mod:`backends.tensorrt.lint`) and
+    NVIDIA ModelOpt's ``build_non_residual_input_map``.
+    """
+    if ir.op_name(node) not in _ADDS or len(node.args) < 2:
+        return None
+    inputs = node.args[:2]
+    if not all(isinstance(value, fx.Node) for value in inputs):
+        return None
+    backbones = [conv_backbone(value) for value in inputs]
+    if backbones[0] is None and backbones[1] is None:
+        return None
+    if backbones[0] is not None and backbones[1] is not None:
+        if backbones[0] is backbones[1]:
+            return None
+        depths = _depths_from_common_ancestor(inputs[0], inputs[1])
+        conv_side = 0 if depths is None or depths[0] >= depths[1] else 1
+        return conv_side, 1 - conv_side
+    conv_side = 0 if backbones[0] is not None else 1
+    if backbones[conv_side] in _ancestors(inputs[1 - conv_side]) | {inputs[1 - conv_side]}:
+        return None
+    return conv_side, 1 - conv_side
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _depths_from_common_ancestor(first: fx.Node, second: fx.Node) -> tuple[int, int] | None:
+    """Longest path lengths (in nodes) to ``first`` and ``second`` from their lowest common ancestor."""
+    ancestors = [_ancestors(first) | {first}, _ancestors(second) | {second}]
+    common = ancestors[0] & ancestors[1]
+    if not common:
+        return None
+    order = {node: index for index, node in enumerate(first.graph.nodes)}
+    lowest = max(common, key=order.__getitem__)
+    return _longest_path(lowest, first, ancestors[0], order), _longest_path(lowest, second, ancestors[1], order)
+
+
+def _longest_path(start: fx.Node, end: fx.Node, region: set[fx.Node], order: dict[fx.Node, int]) -> int:
+    """Edges on the longest path from ``start`` to ``end`` through ``region`` (a DAG in graph order)."""
+    depth = {start: 0}
+    for node in sorted(region, key=order.__getitem__):
+        reachable = [depth[parent] for parent in node.all_input_nodes if parent in depth]
+        if node is not start and reachable:
+            depth[node] = max(reachable) + 1
+    return depth.get(end, 0)
+
+
+def small_channels(node: fx.Node, minimum: int) -> str | None:
+    """Why a conv or linear is too narrow for int8 kernels (NVIDIA ModelOpt's int8 rule), or None.
+
+    Linear: fewer than ``minimum`` input or output features. Conv: fewer than ``minimum`` input
+    (per group) or output channels, except a dense conv with a square kernel whose channel count
+    is a multiple of 8 and that is either the first layer or has ``minimum`` channels on one side,
+    and a grouped conv with a multiple of 8 output channels and kernels of at least 3.
+    """
+    weight = node.args[WEIGHTED[ir.op_name(node)][1]] if len(node.args) > 1 else None
+    value = weight.meta.get(meta.VAL) if isinstance(weight, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    outputs, inputs = int(value.shape[0]), int(value.shape[1])
+    if outputs >= minimum and inputs >= minimum:
+        return None
+    why = f"{inputs} input / {outputs} output channels, under the {minimum} of the int8 kernels"
+    if ir.op_name(node) == "aten.linear":
+        return why
+    groups = node.args[6] if len(node.args) > 6 else 1
+    kernel = tuple(value.shape[2:])
+    if groups == 1:
+        first = isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+        if ((outputs % 8 == 0 or inputs % 8 == 0) and (first or max(outputs, inputs) >= minimum)
+                and len(set(kernel)) <= 1):
+            return None
+    elif outputs % 8 == 0 and all(size >= 3 for size in kernel):
+        return None
+    return why
 
 
 def _has_constant_weight(node: fx.Node) -> bool:

@@ -145,7 +145,46 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         # MiniLM's lowest over 500 sentences is ~0.977 (mean 0.992), so 0.95 leaves a margin.
         tolerance=Tolerance(rtol=0.02, atol=0.1, min_cosine=0.95),
     ),
+    "trt-int8": Target(
+        name="trt-int8",
+        description="TensorRT-style explicit-QDQ ONNX (TensorRT 10/11, strongly typed): symmetric int8, Q/DQ "
+                    "placed by TensorRT's fusion rules, calibration cache; run here by ONNX Runtime as the reference",
+        pipeline=(
+            *_FP32,
+            PassSpec("calibrate", {"observer": "entropy"}),  # TensorRT's EntropyCalibration2 equivalent
+            PassSpec("gptq"),
+            PassSpec("bias_correction"),
+            PassSpec("insert_qdq", {"float_weights": "float32"}),
+        ),
+        backend="tensorrt",
+        backend_options={"opset": 19, "graph_optimization_level": "disable"},
+        # Compared with the torch simulation (the fake-quantised IR), which ONNX Runtime with graph
+        # optimisations disabled computes op by op.
+        tolerance=Tolerance(rtol=0.0, atol=0.0, steps=1.0, fraction=0.999, min_cosine=0.9),
+        quant_policy={"base": "tensorrt"},
+    ),
 })
+
+#: TensorRT-style calibrators -> the calibrate pass's observer and its options.
+CALIBRATORS: Mapping[str, tuple[str, dict[str, Any]]] = MappingProxyType({
+    "entropy": ("entropy", {}),  # KL divergence on a histogram, as TensorRT's EntropyCalibration2
+    "max": ("minmax", {}),  # the largest magnitude seen (MinMaxCalibration)
+    "percentile": ("percentile", {"percentile": 99.99}),
+    "mse": ("mse", {}),
+})
+
+
+def with_calibrator(target: str | Target, calibrator: str, **options: Any) -> Target:
+    """``target`` with its ``calibrate`` pass using ``calibrator`` (``CALIBRATORS``); options override the defaults."""
+    target = get_target(target)
+    if calibrator not in CALIBRATORS:
+        raise TargetError(f"unknown calibrator {calibrator!r}; choose from {', '.join(CALIBRATORS)}")
+    if not any(spec.name == "calibrate" for spec in target.pipeline):
+        raise TargetError(f"target {target.name!r} does not calibrate; a calibrator applies to targets that do")
+    observer, defaults = CALIBRATORS[calibrator]
+    calibrate = PassSpec("calibrate", {"observer": observer, "observer_options": {**defaults, **options}})
+    pipeline = tuple(calibrate if spec.name == "calibrate" else spec for spec in target.pipeline)
+    return dataclasses.replace(target, pipeline=pipeline)
 
 
 def get_target(target: str | Target) -> Target:

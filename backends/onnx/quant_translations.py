@@ -25,9 +25,19 @@ def _quantize_dequantize(x, scale: float, zero_point: int, qmin: int, qmax: int)
 
 def _dequantize_per_channel(quantized, scale, axis: int):
     # An explicit all-zero zero point: ONNX Runtime's QDQ Gemm fusion (QGemm) needs one, though
-    # Conv fuses without. The exporter folds it to an initializer of the quantized tensor's type.
-    zero_point = op.CastLike(op.ConstantOfShape(op.Shape(scale)), quantized)
+    # Conv fuses without; TensorRT needs it to be a constant. Where the exporter knows the shapes
+    # it is one; otherwise a ConstantOfShape of the scale's shape, cast to the quantized type.
+    zero_point = _zeros(scale, quantized)
     return op.DequantizeLinear(quantized, scale, zero_point, axis=axis)
+
+
+def _zeros(scale, quantized):
+    """A constant of zeros shaped like ``scale`` with ``quantized``'s element type, where both are known."""
+    shape, dtype = getattr(scale, "shape", None), getattr(quantized, "dtype", None)
+    if shape is None or dtype is None or not shape.is_static():
+        return op.CastLike(op.ConstantOfShape(op.Shape(scale)), quantized)
+    zeros = np.zeros(tuple(shape.numpy()), dtype=dtype.numpy())
+    return op.Constant(value=ir.tensor(zeros))
 
 
 TRANSLATIONS = {

@@ -166,14 +166,18 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, model: onnx.ModelProto | bytes) -> OnnxRuntimeRunner:
         """A runner for an ONNX model; refuses IR versions newer than the runtime reads."""
-        version = model.ir_version if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model).ir_version
-        if version > max_runtime_ir_version():
-            raise ArtifactError(
-                f"the model has ONNX IR version {version}, newer than onnxruntime {ort.__version__} reads "
-                f"({max_runtime_ir_version()}); upgrade onnxruntime or recompile with this one"
-            )
-        session = make_session(model, self.options["graph_optimization_level"], self.options["intra_op_num_threads"])
-        return OnnxRuntimeRunner(session)
+        return open_runner(model, self.options["graph_optimization_level"], self.options["intra_op_num_threads"])
+
+
+def open_runner(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0) -> OnnxRuntimeRunner:
+    """A runner for ``model`` on a CPU session at ``level``; refuses IR versions newer than the runtime reads."""
+    version = model.ir_version if isinstance(model, onnx.ModelProto) else onnx.load_from_string(model).ir_version
+    if version > max_runtime_ir_version():
+        raise ArtifactError(
+            f"the model has ONNX IR version {version}, newer than onnxruntime {ort.__version__} reads "
+            f"({max_runtime_ir_version()}); upgrade onnxruntime or recompile with this one"
+        )
+    return OnnxRuntimeRunner(make_session(model, level, threads))
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -31,6 +31,7 @@ from backends.onnxruntime.kernels import (
     QParams,
     dequantize,
     eigen_mean,
+    mlas_conv2d,
     nchwc_block_size,
     nchwc_conv2d,
     qlinear_add,
@@ -244,6 +245,42 @@ def emulate(gm: fx.GraphModule, *inputs: torch.Tensor, fused_add: bool | None = 
                  "MLAS" if emulator._block else "PyTorch")
     with torch.no_grad(), _ieee_float32():
         outputs = emulator.run(*inputs)
+    return tuple(pytree.tree_leaves(outputs))
+
+
+class UnoptimizedEmulator(fx.Interpreter):
+    """Runs the quantised IR as an ONNX Runtime CPU session with graph optimisations disabled computes it.
+
+    Every QuantizeLinear, DequantizeLinear and float op then runs on its own: quantisers with the
+    runtime's arithmetic, convs as MLAS's im2col + SGEMM (:func:`~backends.onnxruntime.kernels.mlas_conv2d`),
+    global means as Eigen's; the rest as in the float simulation. This is the ONNX reference semantics
+    of a Q/DQ model (what TensorRT-style artifacts are checked against on a CPU).
+    """
+
+    def run_node(self, node: fx.Node) -> object:
+        """One node, with the unoptimised session's arithmetic where it has its own."""
+        if node.target is QUANTIZE_DEQUANTIZE:
+            x, grid = self.env[node.args[0]], grid_of(node)
+            return dequantize(quantize(x, grid), grid)
+        name = ir.op_name(node)
+        if name == "aten.conv2d":
+            args, _ = self.fetch_args_kwargs_from_env(node)
+            stride, padding, dilation, groups = _conv_options(args)
+            if not isinstance(padding, str) and args[0].dim() == 4:
+                bias = args[2] if len(args) > 2 else None
+                return mlas_conv2d(args[0], args[1], bias, stride, padding * 2, dilation, groups)
+        if name in ("aten.adaptive_avg_pool2d", "aten.mean"):
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            result = _FLOAT_KERNELS[name](node, args, kwargs, 0)
+            if result is not None:
+                return result
+        return super().run_node(node)
+
+
+def emulate_unoptimized(gm: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run ``gm`` as an ONNX Runtime CPU session with graph optimisations disabled would; return the flat outputs."""
+    with torch.no_grad(), _ieee_float32():
+        outputs = UnoptimizedEmulator(gm).run(*inputs)
     return tuple(pytree.tree_leaves(outputs))
 
 

@@ -281,3 +281,80 @@ def _eigen_sum(rows: torch.Tensor, start: int) -> torch.Tensor:
     for index in [*range(start), *range(start + whole, size)]:
         total = total + rows[:, index]
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Float kernels of an unoptimised session (graph optimisations disabled: no NCHWc, no pre-packing)
+
+SGEMM_STRIDE_N = 128  # MLAS_SGEMM_STRIDEN
+SGEMM_UNPACKED_STRIDE_K = 128  # MLAS_SGEMM_STRIDEK (the packed-B path takes 256, SGEMM_STRIDE_K)
+
+
+def sgemm_chunk_k(count_n: int, depth: int) -> int:
+    """The K slice MLAS's SGEMM (and MlasConvOperation) take for ``count_n`` columns and depth ``depth``."""
+    stride_n, stride_k = SGEMM_STRIDE_N, SGEMM_UNPACKED_STRIDE_K
+    if count_n >= depth:
+        while stride_k // 2 >= depth:
+            stride_k //= 2
+    else:
+        while stride_n > 16 and stride_n // 2 >= count_n:
+            stride_k, stride_n = stride_k * 2, stride_n // 2
+    return stride_k
+
+
+def mlas_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+                groups: int) -> torch.Tensor:
+    """A float conv as ONNX Runtime's unoptimised Conv computes it: im2col, then an SGEMM per group.
+
+    The SGEMM sums each K slice (:func:`sgemm_chunk_k`) as one FMA chain and adds the slices in
+    order; a group with one filter (a depthwise conv) takes MLAS's M=1 kernel instead, which sums
+    four products at a time with separate multiplies and adds. The bias is added last. ``padding``
+    is (top, left, bottom, right).
+    """
+    top, left, bottom, right = padding
+    x = F.pad(x.to(_FLOAT32), (left, right, top, bottom))
+    kernel = tuple(weight.shape[2:])
+    columns = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [batch, C * taps, positions]
+    batch, positions = x.shape[0], columns.shape[-1]
+    outputs, depth = weight.shape[0], weight.shape[1] * kernel[0] * kernel[1]
+    columns = columns.reshape(batch, groups, depth, positions)
+    filters = weight.to(_FLOAT32).reshape(groups, outputs // groups, depth)
+    if outputs // groups == 1:
+        result = _sgemm_m1(filters[:, 0, :], columns, sgemm_chunk_k(positions, depth))
+    else:
+        chunk = sgemm_chunk_k(positions, depth)
+        blocks = [[(0, k) for k in range(start, min(start + chunk, depth))] for start in range(0, depth, chunk)]
+        wide_columns, wide_filters = columns.double(), filters.double()
+        result = _chains(blocks, lambda _, k: (wide_filters[None, :, :, k:k + 1], wide_columns[:, :, k:k + 1, :]))
+    result = result.reshape(batch, outputs, positions)
+    if bias is not None:
+        result = result + bias.to(_FLOAT32).reshape(1, -1, 1)
+    height = (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    return result.reshape(batch, outputs, height, -1)
+
+
+def _sgemm_m1(filters: torch.Tensor, columns: torch.Tensor, chunk: int) -> torch.Tensor:
+    """MlasSgemmKernelM1Avx per K slice: groups of four products summed left to right, then a pair, then one."""
+    depth = filters.shape[-1]
+    total = None
+    for start in range(0, depth, chunk):
+        stop = min(start + chunk, depth)
+        for first, size in _m1_steps(start, stop):
+            terms = [filters[None, :, k, None] * columns[:, :, k, :] for k in range(first, first + size)]
+            partial = functools.reduce(lambda left, right: left + right, terms)
+            total = partial if total is None else partial + total
+    return total.unsqueeze(2)
+
+
+def _m1_steps(start: int, stop: int) -> list[tuple[int, int]]:
+    """(first k, count) of the M=1 kernel's row groups over ``[start, stop)``: fours, then a two, then a one."""
+    steps, k = [], start
+    while stop - k >= 4:
+        steps.append((k, 4))
+        k += 4
+    if stop - k >= 2:
+        steps.append((k, 2))
+        k += 2
+    if stop - k == 1:
+        steps.append((k, 1))
+    return steps

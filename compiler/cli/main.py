@@ -1,7 +1,7 @@
-"""The ``fxpress`` command: compile, inspect, bench, verify, targets, zoo.
+"""The ``fxpress`` command: compile, inspect, bench, verify, lint, targets, zoo.
 
 Exit codes: 0 success; 2 usage error (unknown target, bad option, missing file); 3 capture
-failure; 4 unsupported operator; 5 calibration data error; 6 accuracy beyond tolerance; 7
+failure; 4 unsupported operator; 5 calibration data error; 6 accuracy beyond tolerance (lint: findings); 7
 artifact I/O error; 8 a fallback in --strict mode; 70 internal error; 130 interrupted.
 """
 
@@ -16,8 +16,9 @@ import warnings
 
 import click
 
+from compiler.cli.lint import lint_command
 from compiler.errors import AccuracyError, FxpressError
-from compiler.targets import TARGETS
+from compiler.targets import CALIBRATORS, TARGETS, with_calibrator
 
 INTERNAL_ERROR = 70
 INTERRUPTED = 130
@@ -94,6 +95,9 @@ def _target_steps(target: str) -> int:
               help="Calibration samples from a zoo model's bundled data, for targets that calibrate.")
 @click.option("--float-module", "float_modules", multiple=True,
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
+@click.option("--calibrator", type=click.Choice(list(CALIBRATORS)), default=None,
+              help="Activation calibrator of a calibrating target (trt-int8's default: entropy, as TensorRT's "
+                   "EntropyCalibration2; percentile keeps 99.99%).")
 @click.option("--prune-macs", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Prune channels until this fraction of the MACs is gone (e.g. 0.3), before any quantisation.")
 @click.option("--prune-latency", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -109,7 +113,7 @@ def _target_steps(target: str) -> int:
               help="Recovery's data augmentation: auto mirrors image inputs left to right (as does mirror, which "
                    "refuses data without images); none trains on the samples as they are.")
 @_JSON
-def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules,
+def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, calibrator,
                     prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
@@ -121,6 +125,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile digits-cnn -o out-pruned/ --prune-macs 0.5 --recover-seconds 30
       fxpress compile efficientnet-lite0 -o out-fast/ --prune-latency 0.7
       fxpress compile minilm-l6 -o out-low-rank/ --low-rank-macs 0.3
+      fxpress compile resnet18 --target trt-int8 --calibrator percentile -o out-trt/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api
     from compiler.artifact import check_destination
@@ -132,6 +137,8 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
     chosen = _with_float_modules(target, float_modules)
+    if calibrator is not None:
+        chosen = with_calibrator(chosen, calibrator)
     prune = {"macs": prune_macs} if prune_macs is not None else \
         {"latency": prune_latency} if prune_latency is not None else None
     compresses = prune is not None or low_rank_macs is not None
@@ -277,6 +284,9 @@ def verify_command(artifact, model, samples, as_json) -> None:
     if not report["within_tolerance"]:
         raise AccuracyError(f"{artifact} differs from the eager model beyond the target's tolerance "
                             f"(max abs diff {report['max_abs']:.3g})")
+
+
+main.add_command(lint_command)
 
 
 @main.command("targets")

@@ -21,7 +21,7 @@ from compiler.errors import CalibrationDataError, PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 from passes.quant.calibration_data import CalibrationBatches
 from passes.quant.observers import OBSERVERS, Observer, make_observer
-from passes.quant.plan import plan_quantization
+from passes.quant.plan import concat_groups, plan_quantization
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,9 @@ class Calibrate(Pass):
             node.meta[meta.QUANT_RANGE] = {**_range_record(node, observer),
                                            "channel_mean": interpreter.channel_means(node)}
             kinds[observer.name] += 1
+        shared = _share_concat_ranges(plan) if ctx.quant_policy.share_concat_scale else 0
         return PassResult(gm, modified=False, stats={
-            "tensors": len(observers), "samples": samples, "observers": dict(kinds),
+            "tensors": len(observers), "samples": samples, "observers": dict(kinds), "concat_shared": shared,
             "data": ctx.calibration_data.summary(),
         })
 
@@ -128,6 +129,19 @@ class Calibrate(Pass):
             record = node.meta.get(meta.QUANT_RANGE)
             if record is not None and not record["high"] > record["low"]:
                 raise PassError(f"calibrated range of {node.name} is empty: {record}")
+
+
+def _share_concat_ranges(plan) -> int:
+    """Give each concat's quantised inputs and output the union of their ranges; return the tensors changed."""
+    changed = 0
+    for group in concat_groups(plan):
+        low = min(node.meta[meta.QUANT_RANGE]["low"] for node in group)
+        high = max(node.meta[meta.QUANT_RANGE]["high"] for node in group)
+        for node in group:
+            record = node.meta[meta.QUANT_RANGE]
+            changed += (record["low"], record["high"]) != (low, high)
+            record.update(low=low, high=high, shared_with=sorted(other.name for other in group if other is not node))
+    return changed
 
 
 def _range_record(node: fx.Node, observer: Observer) -> dict[str, Any]:

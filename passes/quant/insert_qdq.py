@@ -138,7 +138,8 @@ class InsertQDQ(Pass):
         gm.recompile()
         return PassResult(gm, modified=bool(layers), stats={
             "activations": len(plan.activations), "weights": len(plan.weights),
-            "integer_ops": len(plan.integer_ops), "policy": policy.to_dict(), "layers": layers,
+            "integer_ops": len(plan.integer_ops), "residual_adds": len(plan.residual_adds),
+            "policy": policy.to_dict(), "layers": layers,
         })
 
 
@@ -161,7 +162,7 @@ class InsertQDQ(Pass):
                 stored = "float16 (float32 compute)"
             rows.append({"tensor": weight.target, "module_path": ir.module_path(node), "kind": "weight",
                          "dtype": stored, "decision": "float",
-                         "why": node.meta.get(meta.QUANT_DECISION, "kept in float by the policy"),
+                         "why": policy.float_reason(node) or "kept in float by the policy",
                          **_sensitivity(node)})
         return rows
 
@@ -226,7 +227,9 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
                      done: dict[fx.Node, fx.Node], input_scale: float | None) -> dict[str, Any]:
     weight = ir.get_attribute(gm, point.weight.target).detach()
     largest = weight_largest(point.op, weight, policy)
-    scales = _fit_bias(gm, point, weight_scales(weight, point.axis, largest), input_scale)
+    scales = weight_scales(weight, point.axis, largest)
+    if policy.quantize_bias:
+        scales = _fit_bias(gm, point, scales, input_scale)
     if point.weight not in done:
         integers = weight_integers(point.weight, weight, scales, point.axis, largest)
         done[point.weight] = _dequantized(gm, point.weight, integers, scales, point.axis, point.op)
@@ -238,7 +241,8 @@ def _quantize_weight(gm: fx.GraphModule, point: WeightPoint, policy: QuantPolicy
         "scale": [float(scales.min()), float(scales.max())], "bits": 8 if largest == 127 else 7,
         "range": [float(weight.min()), float(weight.max())], "calibrator": "minmax_per_channel",
         "rounding": _rounding(point.weight, scales),
-        "bias": _quantize_bias(gm, point, scales, input_scale), "decision": "int8", **_sensitivity(point.op),
+        "bias": _quantize_bias(gm, point, scales, input_scale) if policy.quantize_bias else _float_bias(point),
+        "decision": "int8", **_sensitivity(point.op),
     }
 
 
@@ -288,6 +292,10 @@ def _dequantized(gm: fx.GraphModule, original: fx.Node, integers: torch.Tensor, 
     if meta.VAL in original.meta:
         node.meta[meta.VAL] = original.meta[meta.VAL]
     return node
+
+
+def _float_bias(point: WeightPoint) -> str:
+    return "none" if _bias_node(point) is None else "float (the policy keeps biases float)"
 
 
 def _quantize_bias(gm: fx.GraphModule, point: WeightPoint, scales: torch.Tensor, input_scale: float | None) -> str:

@@ -10,6 +10,10 @@ Two kinds of activation quantisers:
 * A float tensor read by an integer op is quantised only on the edges into integer ops (looking
   through pad, reshape and other pass-through ops); its float readers keep the float value, as
   they do behind a QuantizeLinear/DequantizeLinear pair in ONNX.
+
+A policy that does not quantise weighted ops' outputs (TensorRT's) leaves conv and linear outputs
+float, and quantises only the skip input of a residual add (role ``"residual"``). With
+``share_concat_scale``, :func:`concat_groups` lists the tensors that must share one range.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ class ActivationPoint:
         all_users: quantise it for every reader (the output of an integer kernel).
         edges: otherwise, the edges into integer ops (or pass-through chains leading to them).
         reasons: why, one short line per requesting op, for the ledger.
+        ops: the integer ops that read or write the tensor (one entry per reason).
     """
 
     source: fx.Node
     all_users: bool = False
     edges: list[Edge] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    ops: list[fx.Node] = field(default_factory=list)
 
 
 @dataclass
@@ -61,15 +67,25 @@ class QuantPlan:
     activations: dict[fx.Node, ActivationPoint]
     weights: list[WeightPoint]
     integer_ops: list[fx.Node]
+    residual_adds: list[fx.Node] = field(default_factory=list)
 
 
 def plan_quantization(gm: fx.GraphModule, policy: QuantPolicy) -> QuantPlan:
     """Walk the graph once and list the quantisers ``policy`` needs."""
     activations: dict[fx.Node, ActivationPoint] = {}
-    weights, integer_ops = [], []
+    weights, integer_ops, residual_adds = [], [], []
     outputs = _model_outputs(gm)
     for node in gm.graph.nodes:
         role = policy.role(node)
+        if role == "residual":
+            residual_adds.append(node)
+            _, skip = policy.residual_inputs(node)
+            source, entry = _look_through((node, skip, None), policy)
+            point = activations.setdefault(source, ActivationPoint(source))
+            point.edges.append(entry)
+            point.reasons.append(f"skip input of residual add {node.name}")
+            point.ops.append(node)
+            continue
         if role not in ("weighted", "integer"):
             continue
         integer_ops.append(node)
@@ -78,6 +94,7 @@ def plan_quantization(gm: fx.GraphModule, policy: QuantPolicy) -> QuantPlan:
             point = activations.setdefault(source, ActivationPoint(source))
             point.edges.append(entry)
             point.reasons.append(f"input of {ir.op_name(node)} {node.name}")
+            point.ops.append(node)
         if role == "weighted":
             _, weight_index, axis = WEIGHTED[ir.op_name(node)]
             weights.append(WeightPoint(node, node.args[weight_index], axis))
@@ -86,8 +103,34 @@ def plan_quantization(gm: fx.GraphModule, policy: QuantPolicy) -> QuantPlan:
             point = activations.setdefault(produced, ActivationPoint(produced))
             point.all_users = True
             point.reasons.append(f"output of {ir.op_name(node)} {node.name}")
+            point.ops.append(node)
     ordered = {node: activations[node] for node in gm.graph.nodes if node in activations}
-    return QuantPlan(ordered, weights, integer_ops)
+    return QuantPlan(ordered, weights, integer_ops, residual_adds)
+
+
+def concat_groups(plan: QuantPlan) -> list[list[fx.Node]]:
+    """Sets of quantised tensors that must share one range: each integer concat's inputs and output.
+
+    Groups that share a tensor are merged (union-find), so a tensor gets one range whatever the
+    number of concats it feeds.
+    """
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(node: fx.Node) -> fx.Node:
+        while parent.setdefault(node, node) is not node:
+            node = parent[node]
+        return node
+
+    for op in plan.integer_ops:
+        if op.target is not aten.cat.default:
+            continue
+        members = [source for source, point in plan.activations.items() if op in point.ops]
+        for member in members:
+            parent[find(member)] = find(members[0])
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in parent:
+        groups.setdefault(find(node), []).append(node)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def _model_outputs(gm: fx.GraphModule) -> set[fx.Node]:
@@ -126,6 +169,8 @@ def _output_tensor(node: fx.Node, policy: QuantPolicy) -> fx.Node | None:
     A linear (or matmul) whose readers are all float ops keeps a float output: the runtime's
     integer GEMM can write float directly (QGemm, MatMulIntegerToFloat), which is more accurate.
     """
+    if not policy.quantize_weighted_outputs and policy.role(node) == "weighted":
+        return None
     user = ir.single_user(node)
     if user is not None and policy.role(user) == "activation" and _clips_at_zero(user):
         return user

@@ -1,0 +1,1 @@
+"""TensorRT-style explicit-QDQ ONNX: placement policy, lowering, calibration cache and placement linter."""

@@ -1,0 +1,88 @@
+"""ModelOpt's int8 PTQ on CPU through bench.modelopt_onnx, on a tiny residual CNN (skipped without ModelOpt)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+pytest.importorskip("modelopt.onnx.quantization")
+
+from bench.modelopt_onnx import fp32_onnx, input_names, modelopt_int8, qdq_sites  # noqa: E402
+
+
+class TinyResidual(torch.nn.Module):
+    """Conv-BN-ReLU, a residual block (conv-BN plus skip), pooling and a 32-to-16 linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                                        torch.nn.ReLU())
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.BatchNorm2d(32))
+        self.head = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(self.branch(y) + y)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyResidual().eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    return model, torch.randn(64, 3, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny, tmp_path_factory):
+    model, data = tiny
+    fp32 = onnx.load_from_string(fp32_onnx(model, (data[:2],)))
+    calibration = {input_names(fp32)[0]: data[:48].numpy()}
+    return fp32, *modelopt_int8(fp32, calibration, workdir=tmp_path_factory.mktemp("modelopt"), calibration_batch=8)
+
+
+def test_the_export_has_a_dynamic_batch(quantized):
+    fp32, _, _ = quantized
+    batch = fp32.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.HasField("dim_value")
+
+
+def test_modelopt_places_trt_style_qdq_in_int8_with_per_channel_weights(quantized):
+    _, model, facts = quantized
+    sites = qdq_sites(model)
+    assert sites["weighted"]["Conv"] == {"nodes": 2, "both_inputs_dq": 2, "float": []}
+    assert sites["opset"] >= 19
+    assert set(sites["zero_point_dtypes"]) == {"INT8"}
+    weights = sites["weights"]
+    assert weights["weight_dqs"] >= 2 and weights["per_channel"] == weights["explicit_axis"] == weights["weight_dqs"]
+    # ModelOpt's residual rule: the skip input of the Add gets Q/DQ, the conv branch does not
+    assert sites["residual_adds"] == {"adds": 1, "one_input_dq": 1, "both_inputs_dq": 0, "no_input_dq": 0}
+    assert facts["options"]["high_precision_dtype"] == "fp32" and facts["calibration_samples"] == 48
+    assert facts["seconds"] > 0 and facts["modelopt"]
+
+
+def test_the_quantized_model_runs_in_ort_close_to_fp32(tiny, quantized):
+    from backends.onnxruntime import make_session
+
+    model, data = tiny
+    _, qdq, _ = quantized
+    session = make_session(qdq, level="disable")
+    held_out = data[48:]
+    actual = session.run(None, {session.get_inputs()[0].name: held_out.numpy()})[0]
+    with torch.no_grad():
+        expected = model(held_out).numpy()
+    assert actual.shape == expected.shape  # a batch other than the calibration one: still dynamic
+    sqnr = 10 * np.log10((expected**2).sum() / ((expected - actual) ** 2).sum())
+    assert sqnr > 20
+
+
+def test_only_entropy_and_max_are_accepted(tmp_path):
+    with pytest.raises(ValueError, match="entropy"):
+        modelopt_int8(b"", {}, method="percentile", workdir=tmp_path)

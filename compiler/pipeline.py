@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from compiler import ir, meta, probe
+from compiler import probe
 from compiler.capture import Captured, DynamicDims, capture, check_model, normalize_inputs
 from compiler.errors import CalibrationDataError, CaptureError, FallbackError, TargetError
 from compiler.pass_base import Pass, PassContext
@@ -140,9 +140,6 @@ def run_pipeline(
     return PipelineResult(gm, captured, target, ledger, inputs, reference, lossy)
 
 
-_LINEAR_OPS = ("aten.linear", "aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention")
-
-
 def choose_target(target: Target, gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> tuple[Target, dict | None]:
     """The target to compile for: ``target``, or its ``linear_heavy_target`` for a Linear-heavy model.
 
@@ -150,11 +147,7 @@ def choose_target(target: Target, gm: fx.GraphModule, inputs: tuple[torch.Tensor
     """
     if target.linear_heavy_target is None:
         return target, None
-    probe.run_annotated(gm, inputs)
-    macs = {node: node.meta.get(meta.MACS, 0) for node in gm.graph.nodes if node.op == "call_function"}
-    total = sum(macs.values())
-    linear = sum(count for node, count in macs.items() if ir.op_name(node) in _LINEAR_OPS)
-    share = linear / total if total else 0.0
+    share = probe.linear_mac_share(gm, inputs)
     chosen = get_target(target.linear_heavy_target) if share >= target.linear_heavy_share else target
     record = {"requested": target.name, "chosen": chosen.name, "linear_mac_share": round(share, 4),
               "threshold": target.linear_heavy_share}

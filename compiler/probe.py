@@ -36,6 +36,19 @@ def _positional_values(interpreter: fx.Interpreter, node: fx.Node) -> list[objec
     return [interpreter.env[arg] if isinstance(arg, fx.Node) else arg for arg in node.args]
 
 
+#: Ops counted as Linear/matmul work by :func:`linear_mac_share`.
+LINEAR_OPS = ("aten.linear", "aten.matmul", "aten.mm", "aten.bmm", "aten.addmm", "aten.scaled_dot_product_attention")
+
+
+def linear_mac_share(gm: fx.GraphModule, inputs: tuple) -> float:
+    """The share of the model's MACs (on ``inputs``) in Linear and matmul ops: above 0.5 for transformers."""
+    run_annotated(gm, inputs)
+    macs = {node: node.meta.get(meta.MACS, 0) for node in gm.graph.nodes if node.op == "call_function"}
+    total = sum(macs.values())
+    linear = sum(count for node, count in macs.items() if ir.op_name(node) in LINEAR_OPS)
+    return linear / total if total else 0.0
+
+
 def run_annotated(gm: fx.GraphModule, inputs: tuple) -> tuple[torch.Tensor, ...]:
     """Run ``gm`` on ``inputs`` without gradients, annotating every node; return flat outputs."""
     with torch.no_grad():

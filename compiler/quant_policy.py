@@ -188,7 +188,7 @@ class QuantPolicy:
         return found
 
     def _feeds_integer(self, node: fx.Node) -> bool:
-        """Every reader, through pass-through ops and fused activations, is a conv, linear or integer op.
+        """Every reader, through pass-through ops and fused activations, runs on integers (conv, linear, integer op).
 
         A weightless op (add, concat, pooling) is worth running on integers only inside an integer
         region: an add whose result goes to a float op (a LayerNorm after a residual add, the
@@ -205,7 +205,7 @@ class QuantPolicy:
             name = ir.op_name(reader)
             if name in self.passthrough_ops or name in self.fused_activations:
                 readers.extend(reader.users)
-            elif name not in self.weighted_ops and name not in self.integer_ops or self.keeps_float(reader):
+            elif self.role(reader) not in ("weighted", "integer", "residual"):
                 return False
         return True
 

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 import torch.fx as fx
 
-from backends.onnx.export import ExportRequest, export_onnx
+from backends.onnx.export import ExportRequest, export_onnx, validate
 from backends.onnxruntime.backend import OnnxRuntimeRunner, open_runner
 from backends.onnxruntime.emulation import emulate_unoptimized
 from backends.tensorrt.calibration_cache import (
@@ -32,6 +32,7 @@ from backends.tensorrt.calibration_cache import (
 )
 from backends.tensorrt.lint import lint_tensorrt, placement_summary
 from backends.tensorrt.policy import make_policy
+from backends.tensorrt.rewrites import fold_weight_transposes
 from compiler.backend_base import Backend, Lowered, LoweringRequest
 from compiler.errors import TargetError
 from compiler.quant_policy import QuantPolicy
@@ -74,6 +75,8 @@ class TensorRTBackend(Backend):
             request.graph_module, request.example_inputs, request.input_names,
             request.output_names, request.dynamic_dims, self.options["opset"],
         ))
+        model, transposes = fold_weight_transposes(model)
+        validate(model)
         findings = lint_tensorrt(model)
         files, cache = self._calibration_files(model)
         runner = self.load(model)
@@ -83,7 +86,7 @@ class TensorRTBackend(Backend):
             "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider (reference for the Q/DQ semantics)",
             "graph_optimization_level": self.options["graph_optimization_level"],
             "placement": placement_summary(model), "lint_findings": [finding.to_dict() for finding in findings],
-            "calibration_cache": cache,
+            "calibration_cache": cache, "weights_stored_transposed": transposes,
         }
         warnings = [f"TensorRT placement lint {finding.rule} ({finding.name}) at {finding.node}: {finding.message}"
                     for finding in findings]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from compiler import ir, meta
+from compiler import ir, meta, probe
 from compiler.errors import CalibrationDataError, PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 from passes.quant.calibration_data import CalibrationBatches
@@ -71,8 +71,11 @@ class Calibrate(Pass):
     name = "calibrate"
     exact = True
     needs_calibration = True
+    # linear_heavy_observer: the observer for models with most MACs in Linear/matmul ops (transformers),
+    # whose activations carry outlier channels that clipping calibrators cut (TensorRT advises MinMax for BERT).
     default_options = {
         "observer": "mse", "observer_options": {}, "overrides": {}, "batch_size": 32, "sample_limit": 1 << 18,
+        "linear_heavy_observer": None,
     }
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -89,7 +92,9 @@ class Calibrate(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Run the calibration batches and write every planned tensor's range."""
         plan = plan_quantization(gm, ctx.quant_policy)
-        observers = {node: self._observer(node, ctx.quant_policy.activation_symmetric) for node in plan.activations}
+        default, choice = self._default_observer(gm, ctx)
+        observers = {node: self._observer(node, ctx.quant_policy.activation_symmetric, default)
+                     for node in plan.activations}
         interpreter = _ObservingInterpreter(gm, observers, self.options["sample_limit"])
         samples = 0
         with torch.no_grad():
@@ -105,19 +110,31 @@ class Calibrate(Pass):
         shared = _share_concat_ranges(plan) if ctx.quant_policy.share_concat_scale else 0
         return PassResult(gm, modified=False, stats={
             "tensors": len(observers), "samples": samples, "observers": dict(kinds), "concat_shared": shared,
+            **choice,
             "data": ctx.calibration_data.summary(),
         })
 
-    def _observer(self, node: fx.Node, symmetric: bool) -> Observer:
-        """The observer for ``node``: the pass's default, or the override for its module path.
+    def _default_observer(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[str, dict[str, Any]]:
+        """The observer for tensors without an override, and a record of how it was chosen."""
+        heavy = self.options["linear_heavy_observer"]
+        if heavy is None:
+            return self.options["observer"], {}
+        share = probe.linear_mac_share(gm, ctx.example_inputs)
+        chosen = heavy if share >= 0.5 else self.options["observer"]
+        return chosen, {"observer_choice": {"chosen": chosen, "linear_mac_share": round(share, 4),
+                                            "linear_heavy_observer": heavy, "otherwise": self.options["observer"]}}
+
+    def _observer(self, node: fx.Node, symmetric: bool, default: str | None = None) -> Observer:
+        """The observer for ``node``: ``default`` (the pass's), or the override for its module path.
 
         A symmetric policy makes clipping observers search one threshold for ``|x|`` (unless the
         options say otherwise), so the range they pick is the one the symmetric grid will use.
         """
+        default = default or self.options["observer"]
         path = ir.module_path(node)
         spec = self.options["overrides"].get(path) or self.options["overrides"].get(node.name)
-        name = spec if isinstance(spec, str) else (spec or {}).get("observer", self.options["observer"])
-        options = dict(self.options["observer_options"]) if name == self.options["observer"] else {}
+        name = spec if isinstance(spec, str) else (spec or {}).get("observer", default)
+        options = dict(self.options["observer_options"]) if name == default else {}
         observer_class = OBSERVERS.get(name)  # an unknown name is make_observer's error to give
         if symmetric and observer_class is not None and "symmetric" in inspect.signature(observer_class).parameters:
             options.setdefault("symmetric", True)

@@ -184,9 +184,9 @@ def with_calibrator(target: str | Target, calibrator: str, **options: Any) -> Ta
     if not any(spec.name == "calibrate" for spec in target.pipeline):
         raise TargetError(f"target {target.name!r} does not calibrate; a calibrator applies to targets that do")
     observer, defaults = CALIBRATORS[calibrator]
-    calibrate = PassSpec("calibrate", {"observer": observer, "observer_options": {**defaults, **options},
-                                       "linear_heavy_observer": None})
-    pipeline = tuple(calibrate if spec.name == "calibrate" else spec for spec in target.pipeline)
+    chosen = {"observer": observer, "observer_options": {**defaults, **options}, "linear_heavy_observer": None}
+    pipeline = tuple(PassSpec("calibrate", {**spec.options, **chosen}) if spec.name == "calibrate" else spec
+                     for spec in target.pipeline)
     return dataclasses.replace(target, pipeline=pipeline)
 
 

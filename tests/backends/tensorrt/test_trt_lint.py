@@ -413,3 +413,59 @@ def test_onnxruntime_qdq_resnet18_breaks_the_residual_fusions_and_its_float_expo
     summary = placement_summary(qdq_path)
     assert (summary["weighted_ops"], len(summary["weighted_quantized"]), summary["residual_adds"],
             summary["residual_skip_quantized"], summary["residual_conv_side_quantized"]) == (21, 21, 8, 8, 8)
+
+
+# --- Q/DQ propagation through commuting layers --------------------------------------------------------------
+
+
+def test_a_dequantize_reaches_a_conv_through_max_pooling():
+    net = Net()
+    pooled = net.op("MaxPool", [net.qdq("x", "x")], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    net.conv(pooled, "conv")
+    model = net.model(["conv"])
+    assert lint_tensorrt(model) == []
+    assert [item["node"] for item in placement_summary(model)["weighted_quantized"]] == ["conv"]
+
+
+@pytest.mark.parametrize("layout", ["Flatten", "Reshape", "Flatten+Reshape"])
+def test_a_dequantize_reaches_a_gemm_through_flatten_and_reshape(layout):
+    net = Net()
+    source = net.qdq("x", "x")
+    for op in layout.split("+"):
+        if op == "Flatten":
+            source = net.op("Flatten", [source], f"flatten_{source}")
+        else:
+            source = net.op("Reshape", [source, net.constant(f"shape_{source}", np.array([1, -1], np.int64))],
+                            f"reshape_{source}")
+    net.op("Gemm", [source, net.weight("fc_w", shape=(2, CHANNELS * 8 * 8))], "fc", transB=1)
+    model = net.model(["fc"])
+    assert lint_tensorrt(model) == []
+    summary = placement_summary(model)
+    assert [item["node"] for item in summary["weighted_quantized"]] == ["fc"] and summary["weighted_float"] == []
+
+
+@pytest.mark.parametrize("op", ["Relu", "Sigmoid", "GlobalAveragePool"])
+def test_a_dequantize_does_not_reach_a_conv_through_compute(op):
+    """Non-commuting layers end the propagation: the conv's activation is float, its weight int8."""
+    net = Net()
+    net.conv(net.op(op, [net.qdq("x", "x")], "between"), "conv")
+    model = net.model(["conv"])
+    assert [finding for finding in found(model) if finding[0] == "TRT005"] == [("TRT005", "conv")]
+    assert [item["node"] for item in placement_summary(model)["weighted_float"]] == ["conv"]
+
+
+def test_a_float_input_through_max_pooling_is_still_float():
+    net = Net()
+    net.conv(net.op("MaxPool", ["x"], "pool", kernel_shape=[2, 2]), "conv")
+    assert found(net.model(["conv"])) == [("TRT005", "conv")]
+
+
+def test_a_residual_skip_quantised_before_max_pooling_counts_as_quantised():
+    net = Net()
+    first = net.op("Relu", [net.conv(net.qdq("x", "x"), "conv1")], "relu1")
+    skip = net.op("MaxPool", [net.qdq(first, "relu1")], "pool", kernel_shape=[1, 1])
+    net.op("Add", [net.conv(net.qdq(first, "conv2_in"), "conv2"), skip], "add")
+    model = net.model(["add"])
+    assert residual_adds(model) == {"add": (0, 1, "conv2")}
+    assert lint_tensorrt(model) == []
+    assert placement_summary(model)["residual_skip_quantized"] == 1

@@ -186,7 +186,7 @@ BUILDS = {
     **{name: (name, "trt-int8") for name in MODELS},
     "residual-float-module": ("residual", _without_gptq(_float_module_target("blocks.0.conv1"))),
     **{f"residual-{calibrator}": ("residual", _without_gptq(with_calibrator("trt-int8", calibrator)))
-       for calibrator in CALIBRATORS if calibrator != "entropy"},
+       for calibrator in CALIBRATORS if calibrator != "mse"},
 }
 
 
@@ -636,7 +636,7 @@ def test_a_changed_or_missing_calibration_cache_is_refused(tmp_path, change):
                                                       ("percentile", "percentile"), ("mse", "mse")])
 def test_with_calibrator_sets_the_recorded_observer(calibrator, observer):
     assert CALIBRATORS[calibrator][0] == observer
-    compiled = _compiled("residual" if calibrator == "entropy" else f"residual-{calibrator}")
+    compiled = _compiled("residual" if calibrator == "mse" else f"residual-{calibrator}")
     stats = compiled.report.entry("calibrate").stats
     assert stats["observers"] == {observer: stats["tensors"]}
     rows = _activation_rows(compiled)
@@ -651,7 +651,7 @@ def test_with_calibrator_sets_the_recorded_observer(calibrator, observer):
 
 def test_calibrators_give_different_scales():
     scales = {calibrator: [row["scale"] for row in _activation_rows(
-        _compiled("residual" if calibrator == "entropy" else f"residual-{calibrator}"))]
+        _compiled("residual" if calibrator == "mse" else f"residual-{calibrator}"))]
         for calibrator in CALIBRATORS}
     assert len({tuple(values) for values in scales.values()}) == len(CALIBRATORS), scales
 

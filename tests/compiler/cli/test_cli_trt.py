@@ -33,7 +33,7 @@ def test_compile_writes_the_cache_files_and_the_model_lints_clean(tmp_path):
     assert header == "TRT-101600-EntropyCalibration2" and scales
     assert set(json.loads((out / "calibration.json").read_text())) == set(scales)
     stats = _calibrate_stats(out)
-    assert stats["samples"] == 64 and stats["observers"] == {"entropy": stats["tensors"]}
+    assert stats["samples"] == 64 and stats["observers"] == {"mse": stats["tensors"]}
 
     linted = run("lint", str(out / "model.onnx"), "--rules", "tensorrt", "--json")
     assert linted.exit_code == 0, linted.output

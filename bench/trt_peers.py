@@ -171,14 +171,20 @@ def _initializer_behind(name: str, producers: dict, initializers: set[str]) -> s
 
 
 def weighted_comparison(result: dict) -> dict:
-    """The layers ModelOpt quantises that fxpress leaves float, by module path, each with the ledger's reason."""
-    ours = {site["module_path"] for site in result["fxpress"]["placement"]["weighted_quantized"]}
+    """The layers ModelOpt quantises that fxpress leaves float, by module path, each with the ledger's reason.
+
+    ModelOpt's sites are named by their weight initializer; one it renamed (a MatMul weight it
+    transposed becomes ``val_N``) matches no fxpress layer and is only counted (``unnamed``).
+    """
+    placement = result["fxpress"]["placement"]
+    ours = {site["module_path"] for site in placement["weighted_quantized"]}
+    known = ours | {site["module_path"] for site in placement["weighted_float"]}
     theirs = {site["module_path"] for site in result["modelopt"]["placement"]["weighted_quantized"]}
     reasons = {row["module_path"]: row["why"] for row in result["fxpress"]["ledger_float"]}
-    missing = sorted(theirs - ours)
+    missing = sorted((theirs & known) - ours)
     return {"fxpress": len(ours), "modelopt": len(theirs), "only_modelopt": missing,
             "only_modelopt_with_reason": [path for path in missing if reasons.get(path)],
-            "only_fxpress": sorted(ours - theirs)}
+            "only_fxpress": sorted(ours - theirs), "unnamed": len(theirs - known)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +230,8 @@ def render(report: dict) -> str:
                      f"identical {ours['cache_round_trip']['identical']}")
         only = comparison["only_modelopt"] or "none"
         lines.append(f"  weighted layers ModelOpt quantises and fxpress keeps float: {only}"
-                     f" (with a ledger reason: {len(comparison['only_modelopt_with_reason'])}); fxpress only: "
-                     f"{len(comparison['only_fxpress'])}")
+                     f" (with a ledger reason: {len(comparison['only_modelopt_with_reason'])}); ModelOpt sites "
+                     f"not matched by name: {comparison['unnamed']}")
         for row in ours["ledger_float"]:
             lines.append(f"  fxpress float: {row['module_path']}: {row['why']}")
         for tool in ("fxpress", "modelopt"):

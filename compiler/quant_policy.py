@@ -40,7 +40,10 @@ aten = torch.ops.aten
 #: Weighted ops: op name -> (index of the activation input, index of the weight, weight channel axis).
 WEIGHTED = {
     "aten.conv1d": (0, 1, 0), "aten.conv2d": (0, 1, 0), "aten.conv3d": (0, 1, 0), "aten.linear": (0, 1, 0),
+    "aten.conv_transpose2d": (0, 1, 1),  # weight [in, out / groups, kh, kw]: output channels on axis 1
 }
+#: The weighted ops ONNX Runtime's CPU provider fuses into integer kernels (policies default to these).
+CONV_LINEAR = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear"})
 #: Integer ops without weights: op name -> indices of the tensor inputs to quantise.
 INTEGER = {
     "aten.add": (0, 1), "aten.add_": (0, 1), "aten.cat": (0,), "aten.adaptive_avg_pool2d": (0,),
@@ -93,7 +96,7 @@ class QuantPolicy:
     """
 
     name: str
-    weighted_ops: frozenset[str] = frozenset(WEIGHTED)
+    weighted_ops: frozenset[str] = CONV_LINEAR
     integer_ops: frozenset[str] = frozenset({
         "aten.add", "aten.add_", "aten.cat", "aten.adaptive_avg_pool2d", "aten.avg_pool2d",
     })
@@ -313,13 +316,15 @@ def small_channels(node: fx.Node, minimum: int) -> str | None:
     value = weight.meta.get(meta.VAL) if isinstance(weight, fx.Node) else None
     if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return None
+    groups = node.args[6] if len(node.args) > 6 and ir.op_name(node) != "aten.linear" else 1
     outputs, inputs = int(value.shape[0]), int(value.shape[1])
+    if ir.op_name(node) == "aten.conv_transpose2d":  # [in, out / groups, ...]
+        outputs, inputs = int(value.shape[1]) * groups, int(value.shape[0]) // groups
     if outputs >= minimum and inputs >= minimum:
         return None
     why = f"{inputs} input / {outputs} output channels, under the {minimum} of the int8 kernels"
     if ir.op_name(node) == "aten.linear":
         return why
-    groups = node.args[6] if len(node.args) > 6 else 1
     kernel = tuple(value.shape[2:])
     if groups == 1:
         first = isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"

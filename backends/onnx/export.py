@@ -34,6 +34,7 @@ from torch.export import Dim
 
 from backends.onnx.quant_translations import TRANSLATIONS
 from compiler import ir, meta
+from compiler.backend_base import LoweringRequest
 from compiler.dynamic_shapes import DynamicDims, widen_inputs
 from compiler.errors import LoweringError, UnsupportedOperatorError
 from compiler.quiet import quiet_torch
@@ -65,6 +66,12 @@ def export_onnx(request: ExportRequest) -> onnx.ModelProto:
     model.ir_version = min(model.ir_version, max_runtime_ir_version())
     validate(model)
     return model
+
+
+def export_lowering(request: LoweringRequest, opset: int) -> onnx.ModelProto:
+    """:func:`export_onnx` of a backend's lowering request at ``opset``."""
+    return export_onnx(ExportRequest(request.graph_module, request.example_inputs, request.input_names,
+                                     request.output_names, request.dynamic_dims, opset))
 
 
 def _run_exporter(request: ExportRequest):

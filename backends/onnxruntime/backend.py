@@ -12,7 +12,7 @@ import onnxruntime as ort
 import torch
 import torch.fx as fx
 
-from backends.onnx.export import ExportRequest, export_onnx, max_runtime_ir_version
+from backends.onnx.export import export_lowering, max_runtime_ir_version
 from backends.onnx.weight_storage import store_exact_half_weights
 from backends.onnxruntime.dynamic_quant import quantize_dynamic_linears
 from backends.onnxruntime.embedding_quant import quantize_embedding_tables
@@ -115,10 +115,7 @@ class OnnxRuntimeBackend(Backend):
     def lower(self, request: LoweringRequest) -> Lowered:
         """Export to ONNX, validate, quantise Linear layers dynamically if asked, and open a session."""
         started = time.perf_counter()
-        model = export_onnx(ExportRequest(
-            request.graph_module, request.example_inputs, request.input_names,
-            request.output_names, request.dynamic_dims, self.options["opset"],
-        ))
+        model = export_lowering(request, self.options["opset"])
         model, gelus = fuse_gelu(model)
         model, half_weights = store_exact_half_weights(model)
         quantization = None

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 import torch.fx as fx
 
-from backends.onnx.export import ExportRequest, export_onnx, validate
+from backends.onnx.export import export_lowering, validate
 from backends.onnxruntime.backend import OnnxRuntimeRunner, open_runner
 from backends.onnxruntime.emulation import emulate_unoptimized
 from backends.tensorrt.calibration_cache import (
@@ -71,10 +71,7 @@ class TensorRTBackend(Backend):
     def lower(self, request: LoweringRequest) -> Lowered:
         """Export, lint, write the calibration cache, open the reference session."""
         started = time.perf_counter()
-        model = export_onnx(ExportRequest(
-            request.graph_module, request.example_inputs, request.input_names,
-            request.output_names, request.dynamic_dims, self.options["opset"],
-        ))
+        model = export_lowering(request, self.options["opset"])
         model, transposes = fold_weight_transposes(model)
         validate(model)
         findings = lint_tensorrt(model)

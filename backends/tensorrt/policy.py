@@ -19,7 +19,7 @@ from compiler.quant_policy import FLOAT_BY_DEFAULT, WEIGHTED, QuantPolicy, with_
 
 TENSORRT = QuantPolicy(
     name="tensorrt",
-    weighted_ops=frozenset(WEIGHTED),
+    weighted_ops=frozenset(WEIGHTED),  # ConvTranspose too, with its weight's axis 1
     integer_ops=frozenset({"aten.add", "aten.add_", "aten.cat", "aten.adaptive_avg_pool2d", "aten.avg_pool2d"}),
     float_ops=FLOAT_BY_DEFAULT,
     activation_dtype="int8",

@@ -80,6 +80,8 @@ def _input_sources(plan: QuantPlan) -> dict[fx.Node, fx.Node]:
 
 def _output_shift(point: WeightPoint, weight: torch.Tensor, mean: torch.Tensor, policy) -> torch.Tensor | None:
     """``(W_q - W) E[x]`` per output channel, or None when the means do not fit the weight."""
+    if point.axis != 0:  # a transposed convolution: its output channels are not the weight's first axis
+        return None
     largest = weight_largest(point.op, weight, policy)
     scales = weight_scales(weight, point.axis, largest)
     integers = weight_integers(point.weight, weight, scales, point.axis, largest).double()

@@ -122,6 +122,21 @@ class ConcatNet(nn.Module):
         return self.head(torch.relu(self.fuse(joined)).mean((2, 3)))
 
 
+class DecoderNet(nn.Module):
+    """A UNet-style decoder step: a strided conv, a transposed conv back up, concatenated with the skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.decode = nn.Conv2d(32, 16, 3, padding=1)
+
+    def forward(self, x):
+        skip = self.encode(x)
+        return self.decode(torch.cat([skip, self.up(torch.relu(self.down(skip)))], dim=1))
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm single-head attention (two activation matmuls, softmax) and a Linear-GELU-Linear MLP."""
 
@@ -166,6 +181,7 @@ MODELS = {
     "downsample": (DownsampleNet, _images),
     "narrow": (NarrowNet, _images),
     "concat": (ConcatNet, _images),
+    "decoder": (DecoderNet, _images),
     "transformer": (TransformerBlock, _tokens),
 }
 
@@ -471,6 +487,22 @@ def test_transformer_block_keeps_norms_softmax_gelu_and_attention_matmuls_float(
     assert ops["LayerNormalization"] == 2 and ops["Softmax"] == 1
     placement = compiled.report.lowering["placement"]
     assert len(placement["weighted_quantized"]) == 6 and placement["weighted_float"] == []
+
+
+def test_a_transposed_conv_reads_int8_weights_per_output_channel_on_axis_1():
+    compiled = _compiled("decoder")
+    (node,) = _calls(compiled.graph_module, "aten.conv_transpose2d.input")
+    weight = node.args[1]
+    assert weight.target is DEQUANTIZE_PER_CHANNEL and weight.args[2] == 1
+    assert ir.get_attribute(compiled.graph_module, weight.args[0].target).dtype == torch.int8
+    assert _quantiser_behind(node.args[0]) is not None
+    (transpose,) = [n for n in compiled.onnx.graph.node if n.op_type == "ConvTranspose"]
+    producers = {output: n for n in compiled.onnx.graph.node for output in n.output}
+    dequantize = producers[transpose.input[1]]
+    assert dequantize.op_type == "DequantizeLinear"
+    assert [a.i for a in dequantize.attribute if a.name == "axis"] == [1]
+    placement = compiled.report.lowering["placement"]
+    assert len(placement["weighted_quantized"]) == 4 and placement["weighted_float"] == []
 
 
 # --- every artifact ----------------------------------------------------------------------------------------------

@@ -91,6 +91,10 @@ _FP32 = (
     PassSpec("eliminate_dead_code"),
 )
 
+# float16 against eager fp32, compounded over the layers: on 32 evaluation samples the largest logit error was
+# 0.076 on efficientnet-lite0 (logits up to 11; cosine 0.99998), 0.006 on resnet18, 1.3e-4 on MiniLM's embeddings.
+TOLERANCE_FP16 = Tolerance(rtol=0.05, atol=0.2, min_cosine=0.999)
+
 TARGETS: Mapping[str, Target] = MappingProxyType({
     "cpu-fp32": Target(
         name="cpu-fp32",
@@ -167,6 +171,15 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         # optimisations disabled computes op by op.
         tolerance=Tolerance(rtol=0.0, atol=0.0, steps=1.0, fraction=0.999, min_cosine=0.9),
         quant_policy={"base": "tensorrt"},
+    ),
+    "trt-fp16": Target(
+        name="trt-fp16",
+        description="TensorRT-style float16 ONNX (strongly typed): the model in fp16 with fp32 inputs and outputs, "
+                    "overflow-prone ops (sums of squares, exponentials, reductions) in fp32; run here by ONNX Runtime",
+        pipeline=_FP32,
+        backend="tensorrt",
+        backend_options={"opset": 19, "graph_optimization_level": "disable", "float_dtype": "float16"},
+        tolerance=TOLERANCE_FP16,
     ),
 })
 

@@ -30,6 +30,7 @@ from backends.tensorrt.calibration_cache import (
     strip_qdq,
     version_number,
 )
+from backends.tensorrt.float16 import to_float16
 from backends.tensorrt.lint import lint_tensorrt, placement_summary
 from backends.tensorrt.policy import make_policy
 from backends.tensorrt.rewrites import fold_weight_transposes
@@ -55,6 +56,7 @@ class TensorRTBackend(Backend):
         "calibration_cache": True,
         "calibration_cache_version": DEFAULT_TRT_VERSION,
         "calibration_cache_algorithm": "EntropyCalibration2",
+        "float_dtype": "float32",  # "float16": the model in fp16 (fp32 inputs and outputs), trt-fp16
     }
     minimum_opset = 13  # per-channel DequantizeLinear needs its axis attribute
 
@@ -64,6 +66,8 @@ class TensorRTBackend(Backend):
             raise TargetError(f"opset {self.options['opset']} is below {self.minimum_opset}, the lowest with "
                               "per-channel Q/DQ; raise backend_options['opset']")
         version_number(self.options["calibration_cache_version"])  # a malformed version fails now
+        if self.options["float_dtype"] not in ("float32", "float16"):
+            raise TargetError(f"float_dtype must be 'float32' or 'float16', got {self.options['float_dtype']!r}")
         if self.options["calibration_cache_algorithm"] not in _ALGORITHMS:
             raise TargetError(f"calibration_cache_algorithm must be one of {', '.join(_ALGORITHMS)}, "
                               f"got {self.options['calibration_cache_algorithm']!r}")
@@ -73,6 +77,11 @@ class TensorRTBackend(Backend):
         started = time.perf_counter()
         model = export_lowering(request, self.options["opset"])
         model, transposes = fold_weight_transposes(model)
+        float16 = None
+        if self.options["float_dtype"] == "float16":
+            feed = {name: tensor.detach().numpy() for name, tensor in zip(request.input_names, request.example_inputs,
+                                                                         strict=True)}
+            model, float16 = to_float16(model, feed)
         validate(model)
         findings = lint_tensorrt(model)
         files, cache = self._calibration_files(model)
@@ -85,15 +94,17 @@ class TensorRTBackend(Backend):
             "placement": placement_summary(model), "lint_findings": [finding.to_dict() for finding in findings],
             "calibration_cache": cache, "weights_stored_transposed": transposes,
         }
+        if float16 is not None:
+            info["float16"] = float16
         warnings = [f"TensorRT placement lint {finding.rule} ({finding.name}) at {finding.node}: {finding.message}"
                     for finding in findings]
         return Lowered(model, runner, info, files=files, warnings=warnings)
 
     def _calibration_files(self, model: onnx.ModelProto) -> tuple[dict[str, bytes], dict[str, Any]]:
         """``calibration.cache`` (TensorRT's text format), its scales as JSON, and the float model it names."""
-        if not self.options["calibration_cache"]:
-            return {}, {"written": False}
         scales = activation_scales(model)
+        if not self.options["calibration_cache"] or not scales:
+            return {}, {"written": False, "why": "no activation quantisers" if not scales else "disabled"}
         text = format_cache(scales, self.options["calibration_cache_version"],
                             self.options["calibration_cache_algorithm"])
         table = {name: {"scale": scale, "amax": scale * 127} for name, scale in scales.items()}

@@ -574,7 +574,8 @@ def test_no_cache_files_when_switched_off():
     target = _without_gptq("trt-int8")
     target = dataclasses.replace(target, backend_options={**target.backend_options, "calibration_cache": False})
     compiled = compile(_seeded(NarrowNet), target, _images(2, 0), calibration_data=[_images(16, 1)])
-    assert compiled.files == {} and compiled.report.lowering["calibration_cache"] == {"written": False, "why": "disabled"}
+    assert compiled.files == {}
+    assert compiled.report.lowering["calibration_cache"] == {"written": False, "why": "disabled"}
     assert compiled.report.lowering["lint_findings"] == [] and compiled.report.fallbacks == []
 
 

@@ -155,11 +155,11 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
                     "placed by TensorRT's fusion rules, calibration cache; run here by ONNX Runtime as the reference",
         pipeline=(
             *_FP32,
-            # MSE ranges; MinMax for Linear-heavy models (transformers), as TensorRT advises for BERT. Measured
-            # with ONNX Runtime as the reference (300 crops / 200 sentences): TensorRT's entropy (KL, 2048 bins)
-            # clips too much here: EfficientNet-Lite0 88.6% top-1 / 14.4 dB against MSE's 92.7% / 18.6 dB,
-            # MobileNetV2 27.8 dB against 39.9 dB, MiniLM cosine 0.80 against MinMax's 0.98. Entropy stays one
-            # with_calibrator() (--calibrator) away; the cache header names EntropyCalibration2 either way.
+            # MSE ranges; MinMax for Linear-heavy models (transformers), as TensorRT advises for BERT. TensorRT's
+            # entropy (KL, 2048 bins) clipped too much (bench/trt_peers.py, 500 crops): EfficientNet-Lite0 88.6%
+            # top-1 / 14.4 dB against MSE's 91.8% / 19.0 dB, MobileNetV2 27.8 dB against 39.9 dB; MiniLM cosine
+            # 0.80 against MinMax's 0.98 (200 sentences). Entropy stays one with_calibrator() (--calibrator) away;
+            # the cache header names EntropyCalibration2 either way.
             PassSpec("calibrate", {"observer": "mse", "linear_heavy_observer": "minmax"}),
             PassSpec("gptq"),
             PassSpec("bias_correction"),

@@ -10,16 +10,15 @@ cast them).
 
 The fp32 ONNX is what a user gets from ``torch.onnx.export`` (``compiler.cli.benchmark.plain_export``,
 the export ``bench.int8_peers`` gives its ONNX Runtime peers), with the batch dimension dynamic
-(``compiler.dynamic_shapes.export_with_dims`` traces it first); ``--static-batch N`` exports at a
-fixed batch instead, as ``bench.int8_peers.export_fp32`` does.
+(``compiler.dynamic_shapes.export_with_dims`` traces it first); ``fp32_onnx(..., static_batch=N)``
+exports at a fixed batch instead, as ``bench.int8_peers.export_fp32`` does.
 
 The comparison with fxpress (placement, lint findings, quality) is ``bench.trt_peers``.
 
 The calibration batch matters beyond speed: ModelOpt reads a dynamic dimension as 1 unless
 ``calibration_shapes`` says otherwise, and its GEMV check (``find_nodes_from_matmul_to_exclude``)
-then sees M = 1 at a classifier's final Gemm and leaves it in float. ``--calib-batch N`` passes
-``calibration_shapes`` with batch N.
-
+then sees M = 1 at a classifier's final Gemm and leaves it in float. ``modelopt_int8(...,
+calibration_batch=N)`` passes ``calibration_shapes`` with batch N.
 """
 
 from __future__ import annotations

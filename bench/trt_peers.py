@@ -40,7 +40,7 @@ import onnxruntime as ort
 import torch
 import torch.utils._pytree as pytree
 
-from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, session_options
+from backends.onnxruntime import make_session
 from backends.tensorrt.backend import CACHE_FILE
 from backends.tensorrt.calibration_cache import activation_scales
 from backends.tensorrt.lint import lint_tensorrt, placement_summary
@@ -59,11 +59,9 @@ logger = logging.getLogger("bench.trt_peers")
 
 def integer_kernels(model: onnx.ModelProto, workdir: Path) -> dict[str, int]:
     """The integer kernels (by op type) in ONNX Runtime's optimised graph of ``model`` (all optimisations)."""
-    options = session_options("all", 1)
-    options.optimized_model_filepath = str(workdir / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    optimized = onnx.load(options.optimized_model_filepath)
+    path = workdir / "optimized.onnx"
+    make_session(model, "all", 1, optimized_path=str(path))
+    optimized = onnx.load(str(path))
     counts = collections.Counter(node.op_type for node in optimized.graph.node if node.op_type in INTEGER_KERNELS)
     return dict(counts.most_common())
 
@@ -252,7 +250,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     import modelopt
 
     results = []

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from backends.onnxruntime.backend import make_session
 from compiler.errors import TargetError
 
 #: Op types kept in float32, with why.
@@ -69,9 +69,7 @@ def _large_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[
             if name and name not in known:
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
                 producer[name] = node.name
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = make_session(probe, "disable")
     names = [output.name for output in session.get_outputs()]
     found: dict[str, float] = {}
     for name, value in zip(names, session.run(names, feed), strict=True):

@@ -134,7 +134,7 @@ class Calibrate(Pass):
         path = ir.module_path(node)
         spec = self.options["overrides"].get(path) or self.options["overrides"].get(node.name)
         name = spec if isinstance(spec, str) else (spec or {}).get("observer", default)
-        options = dict(self.options["observer_options"]) if name == default else {}
+        options = dict(self.options["observer_options"]) if name == self.options["observer"] else {}
         observer_class = OBSERVERS.get(name)  # an unknown name is make_observer's error to give
         if symmetric and observer_class is not None and "symmetric" in inspect.signature(observer_class).parameters:
             options.setdefault("symmetric", True)

@@ -168,7 +168,8 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
         backend="tensorrt",
         backend_options={"opset": 19, "graph_optimization_level": "disable"},
         # Compared with the torch simulation (the fake-quantised IR), which ONNX Runtime with graph
-        # optimisations disabled computes op by op.
+        # optimisations disabled computes op by op. ``verify`` against eager: the lowest per-sample cosine seen
+        # was 0.959 (MiniLM, 500 sentences, bench/trt_peers.py), so 0.9 leaves a margin.
         tolerance=Tolerance(rtol=0.0, atol=0.0, steps=1.0, fraction=0.999, min_cosine=0.9),
         quant_policy={"base": "tensorrt"},
     ),

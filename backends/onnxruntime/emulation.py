@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +42,7 @@ from backends.onnxruntime.kernels import (
     sgemm_linear,
 )
 from backends.onnxruntime.qdq_fusion import Group, bias_of, find_groups, grid_of
+from backends.onnxruntime.transformer_kernels import mlas_matmul, mlas_softmax, onnx_gelu, ort_layer_norm
 from compiler import ir
 from compiler.errors import EmulationError
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
@@ -269,12 +271,53 @@ class UnoptimizedEmulator(fx.Interpreter):
             if not isinstance(padding, str) and args[0].dim() == 4:
                 bias = args[2] if len(args) > 2 else None
                 return mlas_conv2d(args[0], args[1], bias, stride, padding * 2, dilation, groups)
-        if name in ("aten.adaptive_avg_pool2d", "aten.mean"):
+        kernel = _FLOAT_KERNELS.get(name) if name in ("aten.adaptive_avg_pool2d", "aten.mean") else None
+        kernel = kernel or _TRANSFORMER_KERNELS.get(name)
+        if kernel is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
-            result = _FLOAT_KERNELS[name](node, args, kwargs, 0)
+            result = kernel(node, args, kwargs, 0)
             if result is not None:
                 return result
         return super().run_node(node)
+
+
+def _matmul_kernel(node: fx.Node, args: tuple, kwargs: dict, block: int) -> torch.Tensor | None:
+    return mlas_matmul(args[0], args[1]) if not kwargs else None
+
+
+def _linear_matmul_kernel(node: fx.Node, args: tuple, kwargs: dict, block: int) -> torch.Tensor | None:
+    """A linear on a tensor of rank above 2 is exported as MatMul, then Add of the bias."""
+    x, weight = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if x.dim() <= 2:
+        return None  # exported as Gemm
+    product = mlas_matmul(x, weight.t())
+    return product if product is None or bias is None else product + bias.to(torch.float32)
+
+
+def _softmax_kernel(node: fx.Node, args: tuple, kwargs: dict, block: int) -> torch.Tensor | None:
+    if len(args) > 2 and args[2] not in (None, False) or kwargs.get("dtype") is not None:
+        return None
+    return mlas_softmax(args[0], args[1])
+
+
+def _gelu_kernel(node: fx.Node, args: tuple, kwargs: dict, block: int) -> torch.Tensor | None:
+    approximate = args[1] if len(args) > 1 else kwargs.get("approximate", "none")
+    return onnx_gelu(args[0]) if approximate == "none" else None
+
+
+def _layer_norm_kernel(node: fx.Node, args: tuple, kwargs: dict, block: int) -> torch.Tensor | None:
+    x, shape = args[0], args[1]
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    return ort_layer_norm(x, math.prod(shape), weight, bias, eps)
+
+
+_TRANSFORMER_KERNELS = {
+    "aten.linear": _linear_matmul_kernel, "aten.matmul": _matmul_kernel, "aten.softmax": _softmax_kernel,
+    "aten._softmax": _softmax_kernel, "aten.gelu": _gelu_kernel, "aten.layer_norm": _layer_norm_kernel,
+}
 
 
 def emulate_unoptimized(gm: fx.GraphModule, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -24,6 +24,7 @@ import torch.fx as fx
 from onnx import numpy_helper
 from torch import nn
 
+from backends.onnxruntime.transformer_kernels import avx512f
 from backends.tensorrt.calibration_cache import parse_cache, version_number
 from backends.tensorrt.graph_patterns import residual_adds
 from backends.tensorrt.lint import lint_tensorrt
@@ -487,6 +488,13 @@ def test_transformer_block_keeps_norms_softmax_gelu_and_attention_matmuls_float(
     assert ops["LayerNormalization"] == 2 and ops["Softmax"] == 1
     placement = compiled.report.lowering["placement"]
     assert len(placement["weighted_quantized"]) == 6 and placement["weighted_float"] == []
+
+
+@pytest.mark.skipif(not avx512f(), reason="the float kernels emulated are ONNX Runtime's AVX-512F ones")
+def test_the_transformer_block_simulates_the_runtime_bit_for_bit():
+    compiled = _compiled("transformer")
+    inputs = _tokens(16, 5)
+    assert torch.equal(compiled(inputs), compiled.simulate(inputs))
 
 
 def test_a_transposed_conv_reads_int8_weights_per_output_channel_on_axis_1():

@@ -10,6 +10,12 @@ Classifiers (efficientnet-lite0; optionally digits-cnn, resnet18, mobilenet-v2):
 - ``ort-fp32``: plain ``torch.onnx.export`` in ONNX Runtime (static shapes, exported at each batch);
 - ``ort-quantize_static``: ONNX Runtime's own quantizer as its docs advise for x86: QDQ,
   per-channel, MinMax, U8S8 (activations QUInt8, weights QInt8), after ``quant_pre_process``;
+- ``nncf-ptq``: ``nncf.quantize`` on the same fp32 export with NNCF's documented choices for a
+  ReLU CNN on a CPU (preset PERFORMANCE, target device CPU, fast bias correction, every
+  calibration sample), run in ONNX Runtime with its own set of graph optimisers (NNCF leaves conv
+  biases in float, and only ``WeightBiasQuantization``, which the other sessions turn off for
+  fxpress's sake, fuses such convs into integer kernels); evaluated on its batch-1 model, the
+  one calibrated one sample at a time as NNCF's examples do (only where ``import nncf`` works);
 - ``fxpress cpu-int8``: ``compiler.compile(..., target="cpu-int8", calibration_data=...)`` run
   through its ONNX Runtime model;
 - ``pt2e-x86-inductor``: ``torchao.quantization.pt2e`` with ``X86InductorQuantizer``, then
@@ -17,14 +23,17 @@ Classifiers (efficientnet-lite0; optionally digits-cnn, resnet18, mobilenet-v2):
 
 Columns: p50 latency (ms) at batch 1 and 16, ratio to ``quantize_static`` (< 1: faster; in
 brackets the smallest and largest ratio of the interleaved blocks, i.e. the run's noise), top-1
-agreement with eager fp32, true accuracy where the zoo has labels (digits-cnn), SQNR of the
-logits in dB (the measure for the random-weight models), ``model.onnx`` size and % of fp32.
+agreement with eager fp32, the same on the decisive crops only (fp32's top-1 probability beats its
+top-2 by at least 0.2), top-5 agreement (fp32's top-1 class among the pipeline's top 5), SQNR of
+the logits in dB (the measure for the random-weight models), true accuracy where the zoo has
+labels (digits-cnn), ``model.onnx`` size and % of fp32. Under the table, for ``quantize_static``
+and NNCF, how many convs ONNX Runtime runs in integer kernels (QLinearConv) after optimising.
 
 Sentence encoder (minilm-l6, sequence length 128): ``ort-fp32``, ``ort-quantize_dynamic``
 (its defaults) and fxpress cpu-int8; the quality columns are the cosine of each sentence's
 embedding to eager fp32's (mean and min) and nearest-neighbour agreement.
 
-A pipeline that cannot be built (cpu-int8 not in this fxpress yet, torchao missing) prints as
+A pipeline that cannot be built (cpu-int8 not in this fxpress yet, torchao or nncf missing) prints as
 ``not available: <reason>`` and the run carries on.
 
     python -m bench.int8_peers                                    # efficientnet-lite0, minilm-l6
@@ -34,7 +43,10 @@ A pipeline that cannot be built (cpu-int8 not in this fxpress yet, torchao missi
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import functools
+import io
 import json
 import logging
 import math
@@ -54,6 +66,7 @@ import onnx
 import torch
 
 from backends.onnxruntime import make_session
+from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, session_options
 from compiler.cli.benchmark import block_ratios, peak_rss_mb, plain_export, thread_settings, time_side_by_side
 
 CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
@@ -61,6 +74,11 @@ ENCODERS = ("minilm-l6",)
 BATCHES = (1, 16)
 EVAL_CHUNK = 16
 SEQ_LEN = 128
+#: fp32's top-1 probability beats its top-2 by at least this on a decisive crop.
+DECISIVE_MARGIN = 0.2
+TOP_K = 5
+#: ONNX Runtime's integer convolution kernels (after its QDQ fusions).
+INTEGER_CONVS = ("QLinearConv", "NhwcQLinearConv", "ConvInteger")
 
 logger = logging.getLogger("bench.int8_peers")
 
@@ -163,16 +181,50 @@ def _static_predictor(session, batch: int) -> Callable[[tuple[torch.Tensor, ...]
     return predict
 
 
-def ort_static_pipeline(name: str, models_by_batch: dict[int, bytes], timing_inputs: dict[int, tuple]) -> Pipeline:
-    """ONNX Runtime sessions for static-shape models, one per batch; evaluation on the largest."""
-    sessions = {batch: make_session(model) for batch, model in models_by_batch.items()}
+def ort_static_pipeline(name: str, models_by_batch: dict[int, bytes], timing_inputs: dict[int, tuple],
+                        open_session: Callable[[bytes], object] = make_session,
+                        evaluate_batch: int | None = None) -> Pipeline:
+    """ONNX Runtime sessions for static-shape models, one per batch; evaluation at ``evaluate_batch`` (the largest)."""
+    sessions = {batch: open_session(model) for batch, model in models_by_batch.items()}
     pipeline = Pipeline(name, size_bytes=len(models_by_batch[min(models_by_batch)]))
     for batch, session in sessions.items():
         feed = _feed(session, timing_inputs[batch])
         pipeline.runners[batch] = lambda session=session, feed=feed: session.run(None, feed)
-    largest = max(sessions)
-    pipeline.predict = _static_predictor(sessions[largest], largest)
+    evaluate_batch = max(sessions) if evaluate_batch is None else evaluate_batch
+    pipeline.predict = _static_predictor(sessions[evaluate_batch], evaluate_batch)
     return pipeline
+
+
+def ort_session(model: bytes, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
+                optimized_path: str | None = None):
+    """A CPU session as ``make_session`` opens it ("all" optimisations), with a choice of disabled optimisers.
+
+    ``make_session`` turns ``WeightBiasQuantization`` off for fxpress's sake (it would quantise the
+    layers fxpress keeps in float); ``disabled_optimizers=()`` is ONNX Runtime's own set. With
+    ``optimized_path`` the optimised graph is saved there.
+    """
+    import onnxruntime as ort
+
+    options = session_options("all", 0)
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+        options.log_severity_level = 3  # not the warning that a saved "all"-level graph is machine-specific
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
+
+
+def integer_convs(model: bytes, workdir: Path, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS) -> str:
+    """How many of ``model``'s convs ONNX Runtime runs in integer kernels once it has optimised the graph.
+
+    A conv it does not fuse runs in float between DequantizeLinear and QuantizeLinear.
+    """
+    path = workdir / "optimized.onnx"
+    ort_session(model, disabled_optimizers, str(path))
+    fused = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node
+                                if node.op_type in INTEGER_CONVS)
+    convs = sum(node.op_type in ("Conv", *INTEGER_CONVS) for node in onnx.load_from_string(model).graph.node)
+    kernels = ", ".join(f"{count} {op}" for op, count in fused.most_common()) or "none"
+    return f"{sum(fused.values())} of {convs} convs in integer kernels ({kernels})"
 
 
 def export_fp32(model: torch.nn.Module, timing_inputs: dict[int, tuple]) -> dict[int, bytes]:
@@ -192,11 +244,14 @@ class _Reader:
         return next(self._iterator, None)
 
     def rewind(self) -> None:
-        def feeds():
-            for chunk in _chunks(self._calibration, self._batch):
-                padded, _ = _pad(chunk, self._batch)  # repeated rows do not move a MinMax range
-                yield {name: np.ascontiguousarray(t.numpy()) for name, t in zip(self._names, padded, strict=True)}
-        self._iterator = feeds()
+        chunks = _chunks(self._calibration, self._batch)  # the last one padded: repeated rows do not move MinMax
+        self._iterator = (_padded_feed(self._names, chunk, self._batch) for chunk in chunks)
+
+
+def _padded_feed(names: list[str], chunk: tuple[torch.Tensor, ...], batch: int) -> dict[str, np.ndarray]:
+    """A session feed of ``chunk`` padded to the static ``batch`` by repeating its last row."""
+    padded, _ = _pad(chunk, batch)
+    return {name: np.ascontiguousarray(t.numpy()) for name, t in zip(names, padded, strict=True)}
 
 
 def ort_quantize_static(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...],
@@ -234,6 +289,56 @@ def ort_quantize_dynamic(fp32: dict[int, bytes], workdir: Path) -> dict[int, byt
         quantize_dynamic(str(source), str(output))
         quantized[batch] = output.read_bytes()
     return quantized
+
+
+def nncf_quantize(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...]) -> dict[int, bytes]:
+    """``nncf.quantize`` per batch, with NNCF's documented choices for a ReLU CNN on a CPU.
+
+    Preset PERFORMANCE (symmetric weights and activations; NNCF's default outside transformers, its
+    docs keep MIXED for CNNs with non-ReLU activations), target device CPU, fast bias correction,
+    and every calibration sample (``subset_size`` counts dataset items, here batches of ``batch``,
+    as NNCF's docs on batched calibration say).
+    """
+    import nncf
+
+    quantized = {}
+    for batch, model in fp32.items():
+        proto = onnx.load_from_string(model)
+        names = [value.name for value in proto.graph.input]
+        items = list(_chunks(calibration, batch))
+        dataset = nncf.Dataset(items, functools.partial(_padded_feed, names, batch=batch))
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars
+            result = nncf.quantize(proto, dataset, preset=nncf.QuantizationPreset.PERFORMANCE,
+                                   target_device=nncf.TargetDevice.CPU, subset_size=len(items),
+                                   fast_bias_correction=True)
+        quantized[batch] = result.SerializeToString()
+    return quantized
+
+
+def nncf_pipeline(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...], timing_inputs: dict[int, tuple],
+                  workdir: Path) -> Pipeline:
+    """NNCF post-training quantisation of the fp32 ONNX export, run in ONNX Runtime.
+
+    Its sessions keep ONNX Runtime's own optimisers: NNCF leaves conv biases in float, and only
+    ``WeightBiasQuantization`` (which ``make_session`` turns off) lets such convs fuse into integer
+    kernels. Evaluation runs the batch-1 model: NNCF's activation ranges average per-item minima
+    and maxima, so only batch 1 calibrates as NNCF's examples do (one sample per item).
+    """
+    row = "nncf-ptq"
+    try:
+        import nncf
+    except Exception as error:  # noqa: BLE001 - any import failure means the row is skipped
+        return unavailable(row, f"import nncf failed ({_reason(error)})")
+    stock = functools.partial(ort_session, disabled_optimizers=())
+    started = time.perf_counter()
+    quantized = nncf_quantize(fp32, calibration)
+    pipeline = ort_static_pipeline(row, quantized, timing_inputs, stock, evaluate_batch=min(quantized))
+    pipeline.build_s = time.perf_counter() - started
+    smallest = quantized[min(quantized)]
+    pipeline.notes.append(f"nncf {nncf.__version__}; ONNX Runtime's own optimisers: "
+                          f"{integer_convs(smallest, workdir, ())}; with the bench's sessions "
+                          f"(no WeightBiasQuantization): {integer_convs(smallest, workdir)}")
+    return pipeline
 
 
 def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8", static: bool = False):
@@ -384,8 +489,19 @@ def sqnr_db(reference: torch.Tensor, actual: torch.Tensor) -> float:
 
 
 def classifier_quality(reference: torch.Tensor, actual: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """Agreement with fp32's top-1 (on every crop, on the decisive ones, within the top 5), SQNR, accuracy.
+
+    Decisive crops: fp32's top-1 probability beats its top-2 by at least ``DECISIVE_MARGIN`` (None
+    where there are none). Top-5 agreement: fp32's top-1 class is among ``actual``'s top 5.
+    """
+    expected = reference.argmax(1)
+    same = expected == actual.argmax(1)
+    decisive = top2_margins(reference) >= DECISIVE_MARGIN
+    top_k = actual.topk(min(TOP_K, actual.shape[1]), dim=1).indices
     quality = {
-        "top1_agreement": float((reference.argmax(1) == actual.argmax(1)).double().mean()),
+        "top1_agreement": float(same.double().mean()),
+        "decisive_agreement": float(same[decisive].double().mean()) if bool(decisive.any()) else None,
+        "top5_agreement": float((top_k == expected[:, None]).any(1).double().mean()),
         "sqnr_db": sqnr_db(reference, actual),
     }
     if labels is not None:
@@ -476,9 +592,13 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
                 ort_quantize_static(fp32, calibration, Path(tmp))
             row = ort_static_pipeline(peer, quantized, timing_inputs)
             row.build_s = time.perf_counter() - started
+            if not encoder:
+                row.notes.append(integer_convs(quantized[min(quantized)], Path(tmp)))
             return row
 
         pipelines.append(guarded(peer, build_peer))
+        if not encoder:
+            pipelines.append(guarded("nncf-ptq", lambda: nncf_pipeline(fp32, calibration, timing_inputs, Path(tmp))))
     for budget in args.float_macs or [None]:
         pipelines.append(guarded("fxpress cpu-int8", lambda budget=budget: fxpress_pipeline(
             name, calibration_batches, timing_inputs, budget)))
@@ -532,6 +652,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         margins = top2_margins(reference)
         fragility = {"uint8_input": input_rounding_ceiling(zoo.model, calibration, evaluation, reference),
                      "margin_below_0.05": float((margins < 0.05).double().mean()),
+                     "decisive_crops": int((margins >= DECISIVE_MARGIN).sum()),
                      "median_top1_probability": float(reference.double().softmax(1).amax(1).median())}
     result = {"model": name, "kind": "embedding" if encoder else "classification", "peer": peer,
               "calibration_samples": args.calib, "evaluation_samples": args.eval,
@@ -553,6 +674,10 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+def _percent(fraction: float | None) -> str:
+    return _fmt(None if fraction is None else 100 * fraction, ".1f", "%")
+
+
 def _ratio(row: dict, batch: int) -> str:
     """``0.98x (0.93-1.04)``: the p50 ratio, and the range of the ratios of the interleaved blocks."""
     ratio, block_range = row.get(f"ratio_b{batch}"), row.get(f"block_ratio_range_b{batch}")
@@ -567,7 +692,8 @@ def render(result: dict) -> str:
     if encoder:
         header += ["cos mean", "cos min", "NN agree"]
     else:
-        header += ["top1 agree", "SQNR dB"] + (["accuracy"] if result["eager_fp32_accuracy"] is not None else [])
+        header += ["top1 agree", "decisive agree", "top5 agree", "SQNR dB"] + \
+            (["accuracy"] if result["eager_fp32_accuracy"] is not None else [])
     header += ["model.onnx B", "% fp32", "build s"]
     lines, cells = [], []
     for row in result["rows"]:
@@ -580,10 +706,10 @@ def render(result: dict) -> str:
             cell += [_fmt(row.get("cosine_mean"), ".4f"), _fmt(row.get("cosine_min"), ".4f"),
                      _fmt(None if row.get("nn_agreement") is None else 100 * row["nn_agreement"], ".1f", "%")]
         else:
-            cell += [_fmt(None if row.get("top1_agreement") is None else 100 * row["top1_agreement"], ".1f", "%"),
-                     _fmt(row.get("sqnr_db"), ".1f")]
+            cell += [_percent(row.get(key)) for key in ("top1_agreement", "decisive_agreement", "top5_agreement")]
+            cell.append(_fmt(row.get("sqnr_db"), ".1f"))
             if result["eager_fp32_accuracy"] is not None:
-                cell.append(_fmt(None if row.get("accuracy") is None else 100 * row["accuracy"], ".1f", "%"))
+                cell.append(_percent(row.get("accuracy")))
         cell += [_fmt(row["size_bytes"], "d"), _fmt(row.get("size_pct_fp32"), ".1f", "%"), _fmt(row["build_s"], ".1f")]
         cells.append(cell)
         lines += [f"  note ({row['pipeline']}): {note}" for note in row["notes"]]
@@ -604,7 +730,8 @@ def render(result: dict) -> str:
                   f"{_fmt(ceiling['sqnr_db'], '.1f')} dB",
                   f"evaluation samples whose fp32 top-2 probabilities lie within 0.05: "
                   f"{100 * fragility['margin_below_0.05']:.1f}% (median top-1 probability "
-                  f"{fragility['median_top1_probability']:.2f})"]
+                  f"{fragility['median_top1_probability']:.2f}); decisive crops (top-1 beats top-2 by at least "
+                  f"{DECISIVE_MARGIN}): {fragility['decisive_crops']} of {result['evaluation_samples']}"]
     return "\n".join([title, *table, *extra, *lines])
 
 

@@ -22,6 +22,7 @@ from compiler.pipeline import PipelineResult, make_backend, registry, run_pipeli
 from compiler.pruning_options import compression_passes
 from compiler.report import Ledger
 from compiler.targets import Target, get_target
+from compiler.threads import compile_threads
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def compile(  # noqa: A001 - the product's name for it
     train_data: object = None,
     recover_seconds: float = 180.0,
     recover: dict | None = None,
+    threads: int | str = "auto",
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -91,6 +93,9 @@ def compile(  # noqa: A001 - the product's name for it
             ``"mirror"``, ``"none"``), ``"lr"`` (1e-4), ``"temperature"`` (2), ``"batch_size"`` (16),
             ``"seed"``, ``"schedule"`` (``"cosine"``/``"constant"``), ``"features"`` (intermediate
             points matched, 4), ``"feature_weight"``, ``"feature_cache_mb"`` and ``"max_steps"``.
+        threads: PyTorch intra-op threads while compiling: ``"auto"`` (the idle cores, measured at the
+            start, at least one: see :mod:`compiler.threads`) or a number; recorded in
+            ``report.capture["threads"]``, PyTorch's setting restored afterwards.
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
@@ -100,11 +105,24 @@ def compile(  # noqa: A001 - the product's name for it
     extra = compression_passes(prune, low_rank, recover_seconds, recover)
     if extra and calibration_data is None and train_data is not None:
         calibration_data = train_data  # recovery reads the calibration slot when no other data is given
+    with compile_threads(threads) as thread_record:
+        return _compile(
+            model, target, example_inputs, calibration_data, dump_dir, backend_target, backend, thread_record,
+            dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, strict=strict, progress=progress,
+            train_data=train_data, extra=extra,
+        )
+
+
+def _compile(model, target, example_inputs, calibration_data, dump_dir, backend_target: Target, backend: Backend,
+             thread_record: dict, *, dynamic_dims, verify, model_name, strict, progress, train_data, extra
+             ) -> CompiledModel:
+    """``compile`` after its arguments are checked, on the thread count ``thread_record`` chose."""
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
         dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, progress=progress, strict=strict,
         train_data=train_data, extra_passes=extra,
     )
+    result.ledger.capture["threads"] = thread_record
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
         backend = make_backend(result.target)
     fallbacks = list(result.ledger.fallbacks)

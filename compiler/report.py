@@ -137,9 +137,12 @@ def _quant_row(layer: dict[str, Any]) -> list[str]:
 
 def _header(ledger: Ledger) -> str:
     capture = ledger.capture
+    threads = capture.get("threads")
+    why = f"; {threads['reason']}" if threads and threads.get("reason") else ""
     return (
         f"fxpress ledger: model {ledger.model}, target {ledger.target}, front end "
         f"{capture.get('front_end', '?')} ({capture.get('seconds', 0.0):.1f} s)"
+        + (f", {threads['threads']} compile thread(s) ({threads['policy']}{why})" if threads else "")
     )
 
 

@@ -112,9 +112,13 @@ def _target_steps(target: str) -> int:
 @click.option("--recover-augment", type=click.Choice(["auto", "mirror", "none"]), default="auto", show_default=True,
               help="Recovery's data augmentation: auto mirrors image inputs left to right (as does mirror, which "
                    "refuses data without images); none trains on the samples as they are.")
+@click.option("--threads", default="auto", show_default=True, callback=lambda _c, _p, value: _threads(value),
+              help="PyTorch threads while compiling: auto (the cores found idle at the start, at least one: on a "
+                   "loaded machine fewer threads wait less for each other) or a number.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, calibrator,
-                    prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, as_json) -> None:
+                    prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, threads,
+                    as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -149,7 +153,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
                                dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
                                strict=strict, progress=step, prune=prune, low_rank=low_rank,
-                               recover_seconds=recover_seconds,
+                               recover_seconds=recover_seconds, threads=threads,
                                recover={"augment": recover_augment} if compresses else None)
     directory = compiled.save(output, force=force)
     if as_json:
@@ -192,6 +196,15 @@ def _calibration(source, target, samples: int, recovers: bool = False, factorise
         )
     batch = source.zoo_entry.calibration_data(samples)
     return [tuple(tensor[start:start + 32] for tensor in batch) for start in range(0, samples, 32)]
+
+
+def _threads(value: str) -> int | str:
+    """``--threads``: ``auto`` or a positive integer."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected 'auto' or a positive integer, got {value!r}", param_hint="--threads")
+    return int(value)
 
 
 def _absolute(path: str):

@@ -27,6 +27,7 @@ from compiler import ir, meta
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.quant_policy import WEIGHTED
+from compiler.threads import fixed_threads
 from passes.quant.calibration_data import CalibrationBatches
 from passes.quant.insert_qdq import sum_preserving_round, weight_largest, weight_scales
 from passes.quant.plan import WeightPoint, plan_quantization
@@ -186,7 +187,16 @@ class GPTQ(Pass):
             raise PassError(f"pass {self.name!r}: option damping must lie in (0, 1), got {self.options['damping']!r}")
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        """Measure the input moments of every quantised weighted op, then round its weights."""
+        """Measure the input moments of every quantised weighted op, then round its weights.
+
+        On one thread: the moments' GEMMs and the Cholesky factors round differently on two, and
+        GPTQ's rounding flips on such last bits (EfficientNet-Lite0's artifact differed in 9 layers
+        between 1 and 2 threads), so a compile gives the same weights on any machine and any load.
+        """
+        with fixed_threads(1):
+            return self._call(gm, ctx)
+
+    def _call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = plan_quantization(gm, ctx.quant_policy)
         points = {point.op: point for point in plan.weights if point.weight.op == "get_attr"
                   and (self.options["depthwise"] or not _depthwise(point.op))}

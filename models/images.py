@@ -101,6 +101,11 @@ def crops(count: int, seed: int) -> torch.Tensor:
     return batch
 
 
+def to_pixels(batch: torch.Tensor) -> torch.Tensor:
+    """Crops in [0, 1] as the uint8 pixels (round to nearest) an 8-bit image holds."""
+    return batch.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 def normalise(batch: torch.Tensor, normalisation: tuple[tuple[float, ...], ...]) -> torch.Tensor:
     """Applies a per-channel (x - mean) / std in place and returns the batch."""
     mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in normalisation)
@@ -109,10 +114,14 @@ def normalise(batch: torch.Tensor, normalisation: tuple[tuple[float, ...], ...])
 
 @dataclasses.dataclass(frozen=True)
 class PhotoCropData:
-    """Unlabelled natural-photo crops, normalised for one model.
+    """Unlabelled natural-photo crops, normalised for one model, or as the 8-bit pixels a decoder gives.
+
+    ``calibration(n)`` and ``evaluation(n)`` return the model's float input (the continuous crops,
+    normalised); with ``pixels=True`` the same crops rounded to 8 bits as uint8 NCHW tensors, the
+    input of an artifact compiled with ``input_format`` (the model sees ``normalise(pixels / 255)``).
 
     Attributes:
-        normalisation: ((mean per channel), (std per channel)).
+        normalisation: ((mean per channel), (std per channel)), both on the [0, 1] pixel scale.
         calibration_seed: Seed of the calibration crops.
         evaluation_seed: Seed of the evaluation crops.
     """
@@ -121,13 +130,23 @@ class PhotoCropData:
     calibration_seed: int = 0
     evaluation_seed: int = 1
 
-    def calibration(self, count: int) -> tuple[torch.Tensor, ...]:
-        """Returns `count` normalised calibration crops."""
-        return (normalise(crops(count, self.calibration_seed), self.normalisation),)
+    @property
+    def input_format(self) -> dict:
+        """The 8-bit pixel format of these crops, as ``compile(..., input_format=...)`` reads it."""
+        mean, std = self.normalisation
+        return {"dtype": "uint8", "mean": list(mean), "std": list(std), "layout": "NCHW"}
 
-    def evaluation(self, count: int) -> tuple[torch.Tensor, ...]:
-        """Returns `count` normalised evaluation crops."""
-        return (normalise(crops(count, self.evaluation_seed), self.normalisation),)
+    def calibration(self, count: int, pixels: bool = False) -> tuple[torch.Tensor, ...]:
+        """Returns `count` normalised calibration crops, or their 8-bit pixels."""
+        return (self._crops(count, self.calibration_seed, pixels),)
+
+    def evaluation(self, count: int, pixels: bool = False) -> tuple[torch.Tensor, ...]:
+        """Returns `count` normalised evaluation crops, or their 8-bit pixels."""
+        return (self._crops(count, self.evaluation_seed, pixels),)
+
+    def _crops(self, count: int, seed: int, pixels: bool) -> torch.Tensor:
+        batch = crops(count, seed)
+        return to_pixels(batch) if pixels else normalise(batch, self.normalisation)
 
     def labels(self, count: int) -> None:
         """Returns None: the crops carry no labels."""

@@ -81,6 +81,11 @@ class ZooModel:
         """
         return self.data.evaluation(n, **options)
 
+    @property
+    def input_format(self) -> dict | None:
+        """For image models, the 8-bit pixel format of their data (dtype, mean, std, layout); else None."""
+        return getattr(self.data, "input_format", None)
+
     def eval_labels(self, n: int) -> torch.Tensor | None:
         """Returns the int64 labels of `eval_data(n)`, or None where the data are unlabelled."""
         return self.data.labels(n)

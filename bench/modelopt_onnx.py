@@ -184,13 +184,40 @@ def modelopt_int8(fp32: onnx.ModelProto | bytes, calibration: dict[str, np.ndarr
         options["calibration_shapes"] = calibration_shapes(model, calibration_batch)
     data = {name: np.ascontiguousarray(array) for name, array in calibration.items()}
     started = time.perf_counter()
-    with _modelopt_output(verbose) as kept:
+    with _modelopt_output(verbose) as kept, _ort_quantization_restored():
         quantize(str(source), calibration_data=data, output_path=str(output), **options)
     seconds = time.perf_counter() - started
     facts = {"seconds": seconds, "modelopt": modelopt.__version__, "onnxruntime": ort.__version__,
              "options": options, "calibration_samples": int(next(iter(data.values())).shape[0]),
              "warnings": list(kept)}
     return onnx.load(str(output)), facts
+
+
+@contextlib.contextmanager
+def _ort_quantization_restored():
+    """Undo ModelOpt's in-process patches of ONNX Runtime's quantisation tools when it returns.
+
+    ``modelopt.onnx.quantization`` replaces methods of ORT's calibrators and quantizers
+    (``ort_patching.patch_ort_modules``) and leaves them replaced; ORT's own ``quantize_static``
+    later in the same process then calibrates nothing ("Quantization parameters are not specified
+    for param input_0"), as the pruning pass's latency model found.
+    """
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+
+    owners = [calibrate.MinMaxCalibrater, calibrate.HistogramCalibrater, calibrate.HistogramCollector,
+              calibrate.CalibraterBase, qdq_quantizer.QDQQuantizer, base_quantizer.BaseQuantizer]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    create_calibrator = calibrate.create_calibrator
+    try:
+        yield
+    finally:
+        for owner, attributes in saved:
+            for name in set(vars(owner)) - set(attributes):
+                delattr(owner, name)
+            for name, value in attributes.items():
+                if vars(owner).get(name) is not value and name not in ("__dict__", "__weakref__"):
+                    setattr(owner, name, value)
+        calibrate.create_calibrator = create_calibrator
 
 
 def evaluate(model: onnx.ModelProto, evaluation: tuple[torch.Tensor, ...], reference: torch.Tensor,

@@ -17,6 +17,7 @@ from compiler.backend_base import Backend, LoweringRequest, Runner
 from compiler.capture import DynamicDims
 from compiler.compiled import CompiledModel
 from compiler.errors import AccuracyError, ArtifactError, EmulationError, FallbackError, FxpressError
+from compiler.input_format import PixelInput, check_pixels, parse_input_format
 from compiler.manifest import build_manifest
 from compiler.pipeline import PipelineResult, make_backend, registry, run_pipeline
 from compiler.pruning_options import compression_passes
@@ -45,6 +46,7 @@ def compile(  # noqa: A001 - the product's name for it
     recover_seconds: float = 180.0,
     recover: dict | None = None,
     threads: int | str = "auto",
+    input_format: dict | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -96,12 +98,21 @@ def compile(  # noqa: A001 - the product's name for it
         threads: PyTorch intra-op threads while compiling: ``"auto"`` (the idle cores, measured at the
             start, at least one: see :mod:`compiler.threads`) or a number; recorded in
             ``report.capture["threads"]``, PyTorch's setting restored afterwards.
+        input_format: for image models, ``{"dtype": "uint8", "mean": [...], "std": [...], "layout": "NCHW" |
+            "NHWC"}`` (mean and std on the [0, 1] scale): the artifact takes 8-bit pixels, with the
+            normalisation folded into the first convolution (:mod:`compiler.input_format`);
+            ``example_inputs`` and ``calibration_data`` are then uint8 pixels too.
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
     """
     backend_target = get_target(target)
     backend = make_backend(backend_target)  # a bad backend option fails now, not after the passes
+    pixel_format = parse_input_format(input_format)
+    if pixel_format is not None:
+        check_pixels(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,), pixel_format,
+                     "example_inputs")
+        model = PixelInput(model, pixel_format)
     extra = compression_passes(prune, low_rank, recover_seconds, recover)
     if extra and calibration_data is None and train_data is not None:
         calibration_data = train_data  # recovery reads the calibration slot when no other data is given

@@ -184,7 +184,7 @@ def _finish(program, model, inputs, dims: DynamicDims, front_end: str) -> Captur
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     constants = _strip_constant_outputs(gm)
-    _annotate_provenance(gm)
+    _annotate_provenance(gm, getattr(model, "fxpress_path_prefix", ""))
     gm.graph.lint()
     gm.recompile()
     input_names = _input_names(model, [node.name for node in gm.graph.nodes if node.op == "placeholder"])
@@ -221,15 +221,17 @@ def _strip_constant_outputs(gm: fx.GraphModule) -> dict[int, object]:
     return constants
 
 
-def _annotate_provenance(gm: fx.GraphModule) -> None:
+def _annotate_provenance(gm: fx.GraphModule, prefix: str = "") -> None:
+    """Module path and class of every node; ``prefix`` (a wrapper's, e.g. ``"model."``) is cut from the paths."""
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            node.meta[meta.MODULE_PATH] = node.target.rpartition(".")[0]
-            node.meta[meta.MODULE_TYPE] = ""
+            path, class_name = node.target.rpartition(".")[0], ""
         else:
             path, class_name = meta.module_path_from_stack(node.meta.get(meta.NN_MODULE_STACK))
-            node.meta[meta.MODULE_PATH] = path
-            node.meta[meta.MODULE_TYPE] = class_name
+        if prefix and (path + ".").startswith(prefix):
+            path = path[len(prefix):]
+        node.meta[meta.MODULE_PATH] = path
+        node.meta[meta.MODULE_TYPE] = class_name
 
 
 def _one_line(error: BaseException) -> str:

@@ -23,6 +23,7 @@ FUSION_ROLE = "fxpress_fusion_role"  # "anchor" or "activation" within that grou
 FUSED_ACTIVATION = "fxpress_fused_activation"  # on an anchor: the activation kind, e.g. "relu6"
 
 # Quantisation (calibrate, insert_qdq).
+FIXED_RANGE = "fxpress_fixed_range"  # on a tensor whose quantisation range is known, not calibrated: (low, high)
 QUANT_RANGE = "fxpress_quant_range"  # on a tensor to quantise: {"low", "high", "observer", "min", "max"}
 QUANT_PARAMS = "fxpress_quant_params"  # on a fake-quantise node: {"scale", "zero_point", "dtype", ...}
 QUANT_DECISION = "fxpress_quant_decision"  # on an op kept in float by an override or analysis: the reason
@@ -36,8 +37,8 @@ BN_GAMMA = "fxpress_bn_gamma"  # on a conv/linear that absorbed a BatchNorm: its
 
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
-    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION, QUANT_SENSITIVITY,
-    WEIGHT_INTEGERS, KEPT_FEATURES, BN_GAMMA,
+    FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, FIXED_RANGE, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION,
+    QUANT_SENSITIVITY, WEIGHT_INTEGERS, KEPT_FEATURES, BN_GAMMA,
 )
 
 

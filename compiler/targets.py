@@ -87,6 +87,7 @@ _FP32 = (
     *_CLEANUP,
     PassSpec("fold_conv_bn"),
     PassSpec("fold_linear_bn"),
+    PassSpec("fold_pixel_normalization"),  # only where compile(input_format=...) put a pixel normalisation
     PassSpec("mark_activation_fusion"),
     PassSpec("eliminate_dead_code"),
 )

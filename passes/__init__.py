@@ -11,6 +11,7 @@ from passes.cleanup.fold_constants import FoldConstants
 from passes.cleanup.remove_noops import RemoveNoops
 from passes.fusion.fold_conv_bn import FoldConvBatchNorm
 from passes.fusion.fold_linear_bn import FoldLinearBatchNorm
+from passes.fusion.fold_pixel_normalization import FoldPixelNormalization
 from passes.fusion.mark_activation_fusion import MarkActivationFusion
 from passes.low_rank.low_rank import LowRank
 from passes.prune.prune_channels import PruneChannels
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Pass]] = {
         RemoveNoops,
         FoldConvBatchNorm,
         FoldLinearBatchNorm,
+        FoldPixelNormalization,
         MarkActivationFusion,
         PruneChannels,
         SparsifyWeights,

@@ -112,13 +112,21 @@ def _target_steps(target: str) -> int:
 @click.option("--recover-augment", type=click.Choice(["auto", "mirror", "none"]), default="auto", show_default=True,
               help="Recovery's data augmentation: auto mirrors image inputs left to right (as does mirror, which "
                    "refuses data without images); none trains on the samples as they are.")
+@click.option("--input-format", "input_dtype", type=click.Choice(["float", "uint8"]), default="float",
+              show_default=True,
+              help="uint8: the artifact takes 8-bit pixels (a zoo image model, its mean and std from the zoo unless "
+                   "given), with the normalisation folded exactly into the first convolution.")
+@click.option("--input-mean", default=None, help="Per-channel mean on the [0, 1] pixel scale, e.g. 0.485,0.456,0.406.")
+@click.option("--input-std", default=None, help="Per-channel std on the [0, 1] pixel scale, e.g. 0.229,0.224,0.225.")
+@click.option("--input-layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Layout of the uint8 pixels the artifact takes (NHWC as image decoders write them).")
 @click.option("--threads", default="auto", show_default=True, callback=lambda _c, _p, value: _threads(value),
               help="PyTorch threads while compiling: auto (the cores found idle at the start, at least one: on a "
                    "loaded machine fewer threads wait less for each other) or a number.")
 @_JSON
 def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, calibrator,
-                    prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, threads,
-                    as_json) -> None:
+                    prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, input_dtype,
+                    input_mean, input_std, input_layout, threads, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
 
     \b
@@ -130,6 +138,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile efficientnet-lite0 -o out-fast/ --prune-latency 0.7
       fxpress compile minilm-l6 -o out-low-rank/ --low-rank-macs 0.3
       fxpress compile resnet18 --target trt-int8 --calibrator percentile -o out-trt/
+      fxpress compile efficientnet-lite0 --target cpu-int8 --input-format uint8 --input-layout NHWC -o out-u8/
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler import api
     from compiler.artifact import check_destination
@@ -149,8 +158,13 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
     calibration = _calibration(source, chosen, calibration_samples, compresses and recover_seconds > 0,
                                low_rank_macs is not None)
     low_rank = None if low_rank_macs is None else {"macs": low_rank_macs}
+    input_format = None
+    if input_dtype == "uint8":
+        input_format = _pixel_format(source, input_mean, input_std, input_layout)
+        source, calibration = _as_pixels(source, calibration, input_format, calibration_samples)
     with _progress(_target_steps(target), f"compiling {source.name}") as step:
         compiled = api.compile(source.model, chosen, source.example_inputs, calibration_data=calibration,
+                               input_format=input_format,
                                dump_dir=dump_dir, dynamic_dims=source.dynamic_dims, model_name=source.name,
                                strict=strict, progress=step, prune=prune, low_rank=low_rank,
                                recover_seconds=recover_seconds, threads=threads,
@@ -196,6 +210,41 @@ def _calibration(source, target, samples: int, recovers: bool = False, factorise
         )
     batch = source.zoo_entry.calibration_data(samples)
     return [tuple(tensor[start:start + 32] for tensor in batch) for start in range(0, samples, 32)]
+
+
+def _pixel_format(source, mean: str | None, std: str | None, layout: str) -> dict:
+    """``--input-format uint8``'s format: the zoo entry's mean and std unless given, the layout asked for."""
+    from compiler.errors import UsageError
+
+    zoo_format = getattr(source.zoo_entry, "input_format", None)
+    if source.zoo_entry is None or zoo_format is None:
+        raise UsageError(
+            f"--input-format uint8 needs a zoo image model with bundled pixel data, and {source.name!r} is not one; "
+            "use the Python API: compile(model, target, (uint8_pixels,), input_format={'mean': [...], 'std': [...]})")
+    return {**zoo_format, "layout": layout,
+            **({"mean": _floats(mean, "--input-mean")} if mean else {}),
+            **({"std": _floats(std, "--input-std")} if std else {})}
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=option) from None
+
+
+def _as_pixels(source, calibration, input_format: dict, samples: int):
+    """The zoo entry's example and calibration inputs as uint8 pixels in the requested layout."""
+    import dataclasses
+
+    def laid_out(pixels):
+        return pixels.permute(0, 2, 3, 1).contiguous() if input_format["layout"] == "NHWC" else pixels
+
+    example = (laid_out(source.zoo_entry.calibration_data(1, pixels=True)[0]),)
+    if calibration is not None:
+        (pixels,) = source.zoo_entry.calibration_data(samples, pixels=True)
+        calibration = [(laid_out(pixels[start:start + 32]),) for start in range(0, samples, 32)]
+    return dataclasses.replace(source, example_inputs=example), calibration
 
 
 def _threads(value: str) -> int | str:

@@ -110,7 +110,10 @@ class Calibrate(Pass):
         for node, observer in observers.items():
             node.meta[meta.QUANT_RANGE] = {**_range_record(node, observer),
                                            "channel_mean": interpreter.channel_means(node)}
-            kinds[observer.name] += 1
+            if meta.FIXED_RANGE in node.meta:  # known, e.g. 8-bit pixels: [0, 255], which no observer may clip
+                low, high = node.meta[meta.FIXED_RANGE]
+                node.meta[meta.QUANT_RANGE].update(low=float(low), high=float(high), observer="fixed")
+            kinds[node.meta[meta.QUANT_RANGE]["observer"]] += 1
         shared = _share_concat_ranges(plan) if ctx.quant_policy.share_concat_scale else 0
         return PassResult(gm, modified=False, stats={
             "tensors": len(observers), "samples": samples, "observers": dict(kinds), "concat_shared": shared,

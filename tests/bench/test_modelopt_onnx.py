@@ -87,3 +87,19 @@ def test_the_quantized_model_runs_in_ort_close_to_fp32(tiny, quantized):
 def test_only_entropy_and_max_are_accepted(tmp_path):
     with pytest.raises(ValueError, match="entropy"):
         modelopt_int8(b"", {}, method="percentile", workdir=tmp_path)
+
+
+def test_onnx_runtimes_quantizer_is_itself_again_after_modelopt():
+    """ModelOpt patches ORT's calibrators in-process; ``modelopt_int8`` undoes it, so quantize_static still works."""
+    from modelopt.onnx.quantization.ort_patching import patch_ort_modules
+    from onnxruntime.quantization import calibrate
+
+    from bench.modelopt_onnx import _ort_quantization_restored
+
+    originals = (calibrate.CalibraterBase.__init__, calibrate.MinMaxCalibrater.compute_data,
+                 calibrate.create_calibrator)
+    with _ort_quantization_restored():
+        patch_ort_modules()
+        assert calibrate.MinMaxCalibrater.compute_data is not originals[1]
+    assert (calibrate.CalibraterBase.__init__, calibrate.MinMaxCalibrater.compute_data,
+            calibrate.create_calibrator) == originals

@@ -364,21 +364,27 @@ def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8", static:
 
 def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
                      timing_inputs: dict[int, tuple], max_float_macs: float | None = None,
-                     target: str = "cpu-int8", static: bool = False) -> Pipeline:
-    """The public API, target cpu-int8, timed through its ONNX Runtime model."""
+                     target: str = "cpu-int8", static: bool = False, input_format: dict | None = None) -> Pipeline:
+    """The public API, target cpu-int8, timed through its ONNX Runtime model.
+
+    With ``input_format`` the artifact takes 8-bit pixels: ``calibration`` and ``timing_inputs``
+    are then uint8 pixels, and ``predict`` turns the normalised evaluation images back into the
+    pixels they were made from (exactly: see :func:`pixels_of`).
+    """
     from compiler import TargetError, compile
     from compiler.cli.model_source import resolve
 
-    row = f"fxpress {target}" + ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + \
-        (" static" if static else "")
+    row = f"fxpress {target}" + (" uint8-input" if input_format else "") + \
+        ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + (" static" if static else "")
     source = resolve(name)  # a fresh module: the peers' copy is left untouched
+    example = (calibration[0][0][:1],) if input_format else source.example_inputs
     started = time.perf_counter()
     try:
         chosen = fxpress_target(max_float_macs, target, static)
         calibrates = any(spec.name == "calibrate" for spec in chosen.pipeline)
-        compiled = compile(source.model, target=chosen, example_inputs=source.example_inputs,
+        compiled = compile(source.model, target=chosen, example_inputs=example,
                            calibration_data=calibration if calibrates else None,
-                           dynamic_dims=source.dynamic_dims, model_name=name)
+                           dynamic_dims=source.dynamic_dims, model_name=name, input_format=input_format)
     except TargetError as error:
         return unavailable(row, _reason(error))
     build_s = time.perf_counter() - started
@@ -391,6 +397,8 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
         pipeline.runners[batch] = lambda feed=feed: session.run(None, feed)
 
     def predict(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if input_format:
+            inputs = (pixels_of(inputs[0], input_format),)
         return torch.cat([compiled(*chunk) for chunk in _chunks(inputs, EVAL_CHUNK)])
 
     pipeline.predict = predict
@@ -402,6 +410,17 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
     if fallbacks:
         pipeline.notes.append(f"{len(fallbacks)} fallback(s): " + "; ".join(fallbacks)[:300])
     return pipeline
+
+
+def pixels_of(images: torch.Tensor, input_format: dict) -> torch.Tensor:
+    """The uint8 pixels that normalised ``images`` were made from: ``round((x * std + mean) * 255)``.
+
+    Exact for images made as ``normalise(pixels / 255)``: the float32 round trip is off by far less
+    than half a pixel step.
+    """
+    shape = (1, -1, 1, 1)
+    mean, std = (torch.tensor(input_format[key]).reshape(shape) for key in ("mean", "std"))
+    return (images * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
 
 
 def pt2e_pipeline(zoo, calibration: tuple[torch.Tensor, ...], timing_inputs: dict[int, tuple]) -> Pipeline:
@@ -569,8 +588,17 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     encoder = name in ENCODERS
     options = {"seq_len": args.seq_len} if encoder else {}
     print(f"\n== {name}: {zoo.description}", flush=True)
-    calibration = tuple(zoo.calibration_data(args.calib, **options))
-    evaluation = tuple(zoo.eval_data(args.eval, **options))
+    from models.images import normalise
+
+    pixel_format = zoo.input_format if getattr(args, "pixels", False) and not encoder else None
+    if pixel_format:  # 8-bit crops, as a decoder gives them; every float pipeline sees them normalised
+        normalisation = (tuple(pixel_format["mean"]), tuple(pixel_format["std"]))
+        pixel_calibration = zoo.calibration_data(args.calib, pixels=True)[0]
+        calibration = (normalise(pixel_calibration.float() / 255, normalisation),)
+        evaluation = (normalise(zoo.eval_data(args.eval, pixels=True)[0].float() / 255, normalisation),)
+    else:
+        calibration = tuple(zoo.calibration_data(args.calib, **options))
+        evaluation = tuple(zoo.eval_data(args.eval, **options))
     labels = None if encoder else zoo.eval_labels(args.eval)
     timing_inputs = {batch: tuple(t[:batch].contiguous() for t in evaluation) for batch in BATCHES}
     if min(t.shape[0] for t in evaluation) < max(BATCHES):
@@ -599,9 +627,15 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         pipelines.append(guarded(peer, build_peer))
         if not encoder:
             pipelines.append(guarded("nncf-ptq", lambda: nncf_pipeline(fp32, calibration, timing_inputs, Path(tmp))))
+    pixel_timing = {batch: (pixels_of(inputs[0], pixel_format),) for batch, inputs in timing_inputs.items()} \
+        if pixel_format else {}
     for budget in args.float_macs or [None]:
         pipelines.append(guarded("fxpress cpu-int8", lambda budget=budget: fxpress_pipeline(
             name, calibration_batches, timing_inputs, budget)))
+        if pixel_format:
+            pipelines.append(guarded("fxpress cpu-int8 uint8-input", lambda budget=budget: fxpress_pipeline(
+                name, list(_chunks((pixel_calibration,), EVAL_CHUNK)), pixel_timing, budget,
+                input_format=pixel_format)))
     if encoder:  # Linear-heavy: cpu-int8 hands it to cpu-int8-dynamic; static shown for comparison
         pipelines.append(guarded("fxpress cpu-int8 static", lambda: fxpress_pipeline(
             name, calibration_batches, timing_inputs, static=True)))
@@ -758,6 +792,9 @@ def main() -> None:
     parser.add_argument("--float-macs", type=float, nargs="+", default=None,
                         help="fxpress rows with these float-MAC budgets for quant_sensitivity (default: the target's)")
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E row (its torch.compile is slow)")
+    parser.add_argument("--pixels", action="store_true",
+                        help="image models on 8-bit crops (uint8, as decoded): every pipeline sees them normalised, "
+                             "and fxpress also compiles a uint8-input artifact that takes the pixels themselves")
     parser.add_argument("--json", default=None, help="also write every number to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -142,3 +142,13 @@ def test_nncf_quantizes_the_export_and_its_row_runs_at_every_batch(small_cnn, tm
     quality = classifier_quality(reference, row.predict((evaluation,)), None)
     assert quality["sqnr_db"] > 15
     assert "of 2 convs in integer kernels" in row.notes[0] and row.notes[0].startswith("nncf ")
+
+
+def test_pixels_of_recovers_the_pixels_behind_normalised_images():
+    from bench.int8_peers import pixels_of
+    from models.images import IMAGENET_NORMALISATION, normalise
+
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = normalise(pixels.float() / 255, IMAGENET_NORMALISATION)
+    input_format = {"mean": list(IMAGENET_NORMALISATION[0]), "std": list(IMAGENET_NORMALISATION[1])}
+    assert torch.equal(pixels_of(images, input_format), pixels)

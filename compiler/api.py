@@ -134,6 +134,8 @@ def _compile(model, target, example_inputs, calibration_data, dump_dir, backend_
         train_data=train_data, extra_passes=extra,
     )
     result.ledger.capture["threads"] = thread_record
+    if isinstance(model, PixelInput):
+        result.ledger.capture["input_format"] = model.input_format.to_dict()
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another
         backend = make_backend(result.target)
     fallbacks = list(result.ledger.fallbacks)

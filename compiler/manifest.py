@@ -34,7 +34,9 @@ def build_manifest(result, output_names: tuple[str, ...], info: dict, calibratio
     captured = result.captured
     target = result.target.to_dict()
     target["pipeline"] = [{"name": entry.name, "options": entry.options} for entry in result.ledger.entries]
+    pixel_format = result.ledger.capture.get("input_format")
     return {
+        **({"input_format": pixel_format} if pixel_format else {}),  # the uint8 pixels the model takes
         "format": FORMAT,
         "model": result.ledger.model,
         "versions": package_versions(),

@@ -6,6 +6,7 @@ inputs to feed them at a given batch size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from compiler.artifact import MANIFEST_FILE
 from compiler.cli.model_source import ModelSource, resolve
 from compiler.compiled import CompiledModel
 from compiler.errors import UsageError
+from compiler.input_format import PixelInput, parse_input_format
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
            "bool": torch.bool, "float64": torch.float64}
@@ -35,6 +37,10 @@ class Workload:
         manifest's (token ids drawn from a small range, masks of ones).
         """
         entry = self.source.zoo_entry if self.source is not None else None
+        pixel_format = self.compiled.manifest.get("input_format")
+        if entry is not None and pixel_format:  # an artifact that takes 8-bit pixels: the zoo's, so laid out
+            (pixels,) = entry.eval_data(batch, pixels=True)
+            return (pixels.permute(0, 2, 3, 1).contiguous() if pixel_format["layout"] == "NHWC" else pixels,)
         if entry is not None:
             has_sequence = any(spec[0] == "sequence" for dims in entry.dynamic_dims.values() for spec in dims.values())
             options = {"seq_len": sequence_length} if has_sequence else {}
@@ -65,6 +71,9 @@ def load_workload(spec: str, *, model: str | None = None, target: str = "cpu-fp3
     if is_artifact(spec):
         compiled = api.load(spec)
         source = resolve(model) if model else _zoo_source(compiled.manifest.get("model", ""))
+        pixel_format = compiled.manifest.get("input_format")
+        if source is not None and pixel_format:  # the eager original behind the same pixel input
+            source = dataclasses.replace(source, model=PixelInput(source.model, parse_input_format(pixel_format)))
         return Workload(compiled.manifest.get("model") or Path(spec).name, compiled, source)
     if Path(spec).exists() and Path(spec).is_dir():
         raise UsageError(f"{spec} is a directory without {MANIFEST_FILE}; give an artifact directory or a model")

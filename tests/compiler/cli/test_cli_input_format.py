@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -33,6 +35,10 @@ def test_an_nhwc_pixel_artifact_of_a_zoo_model_matches_the_float_model(tmp_path)
     with torch.no_grad():
         reference = zoo.model(normalise(pixels.float() / 255, (tuple(mean), tuple(std)))).numpy()
     assert np.allclose(logits, reference, rtol=1e-3, atol=1e-3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input_format"] == {**zoo.input_format, "layout": "NHWC"}
+    verified = run("verify", str(out), "--samples", "4", "--json")  # feeds the zoo's pixels, NHWC
+    assert verified.exit_code == 0, verified.output
 
 
 def test_a_model_without_pixel_data_is_a_usage_error(tmp_path):

@@ -66,7 +66,7 @@ import onnx
 import torch
 
 from backends.onnxruntime import make_session
-from backends.onnxruntime.backend import DISABLED_OPTIMIZERS, session_options
+from backends.onnxruntime.backend import DISABLED_OPTIMIZERS
 from compiler.cli.benchmark import block_ratios, peak_rss_mb, plain_export, thread_settings, time_side_by_side
 
 CLASSIFIERS = ("efficientnet-lite0", "digits-cnn", "resnet18", "mobilenet-v2")
@@ -195,31 +195,13 @@ def ort_static_pipeline(name: str, models_by_batch: dict[int, bytes], timing_inp
     return pipeline
 
 
-def ort_session(model: bytes, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS,
-                optimized_path: str | None = None):
-    """A CPU session as ``make_session`` opens it ("all" optimisations), with a choice of disabled optimisers.
-
-    ``make_session`` turns ``WeightBiasQuantization`` off for fxpress's sake (it would quantise the
-    layers fxpress keeps in float); ``disabled_optimizers=()`` is ONNX Runtime's own set. With
-    ``optimized_path`` the optimised graph is saved there.
-    """
-    import onnxruntime as ort
-
-    options = session_options("all", 0)
-    if optimized_path is not None:
-        options.optimized_model_filepath = optimized_path
-        options.log_severity_level = 3  # not the warning that a saved "all"-level graph is machine-specific
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(disabled_optimizers))
-
-
 def integer_convs(model: bytes, workdir: Path, disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS) -> str:
     """How many of ``model``'s convs ONNX Runtime runs in integer kernels once it has optimised the graph.
 
     A conv it does not fuse runs in float between DequantizeLinear and QuantizeLinear.
     """
     path = workdir / "optimized.onnx"
-    ort_session(model, disabled_optimizers, str(path))
+    make_session(model, optimized_path=str(path), disabled_optimizers=disabled_optimizers)
     fused = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node
                                 if node.op_type in INTEGER_CONVS)
     convs = sum(node.op_type in ("Conv", *INTEGER_CONVS) for node in onnx.load_from_string(model).graph.node)
@@ -329,7 +311,7 @@ def nncf_pipeline(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...],
         import nncf
     except Exception as error:  # noqa: BLE001 - any import failure means the row is skipped
         return unavailable(row, f"import nncf failed ({_reason(error)})")
-    stock = functools.partial(ort_session, disabled_optimizers=())
+    stock = functools.partial(make_session, disabled_optimizers=())
     started = time.perf_counter()
     quantized = nncf_quantize(fp32, calibration)
     pipeline = ort_static_pipeline(row, quantized, timing_inputs, stock, evaluate_batch=min(quantized))
@@ -413,14 +395,15 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
 
 
 def pixels_of(images: torch.Tensor, input_format: dict) -> torch.Tensor:
-    """The uint8 pixels that normalised ``images`` were made from: ``round((x * std + mean) * 255)``.
+    """The uint8 pixels that normalised ``images`` were made from: ``to_pixels(x * std + mean)``.
 
     Exact for images made as ``normalise(pixels / 255)``: the float32 round trip is off by far less
     than half a pixel step.
     """
-    shape = (1, -1, 1, 1)
-    mean, std = (torch.tensor(input_format[key]).reshape(shape) for key in ("mean", "std"))
-    return (images * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    from models.images import to_pixels
+
+    mean, std = (torch.tensor(input_format[key]).reshape(1, -1, 1, 1) for key in ("mean", "std"))
+    return to_pixels(images * std + mean)
 
 
 def pt2e_pipeline(zoo, calibration: tuple[torch.Tensor, ...], timing_inputs: dict[int, tuple]) -> Pipeline:
@@ -588,10 +571,10 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
     encoder = name in ENCODERS
     options = {"seq_len": args.seq_len} if encoder else {}
     print(f"\n== {name}: {zoo.description}", flush=True)
-    from models.images import normalise
-
     pixel_format = zoo.input_format if getattr(args, "pixels", False) and not encoder else None
     if pixel_format:  # 8-bit crops, as a decoder gives them; every float pipeline sees them normalised
+        from models.images import normalise
+
         normalisation = (tuple(pixel_format["mean"]), tuple(pixel_format["std"]))
         pixel_calibration = zoo.calibration_data(args.calib, pixels=True)[0]
         calibration = (normalise(pixel_calibration.float() / 255, normalisation),)

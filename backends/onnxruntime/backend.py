@@ -79,12 +79,15 @@ def session_options(level: str = "all", threads: int = 0) -> ort.SessionOptions:
 
 
 def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: int = 0,
-                 profile_prefix: str | None = None, optimized_path: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, optimized_path: str | None = None,
+                 disabled_optimizers: tuple[str, ...] = DISABLED_OPTIMIZERS) -> ort.InferenceSession:
     """A CPU session at graph optimisation ``level`` (disable, basic, extended, all).
 
     With ``profile_prefix``, ONNX Runtime's profiler records every run; ``end_profiling()`` writes
     its events to a JSON file whose name starts with the prefix and returns that file's path. With
     ``optimized_path``, the graph as optimised (the kernels it will run) is saved there.
+    ``disabled_optimizers`` defaults to fxpress's (``WeightBiasQuantization`` off, so layers kept
+    in float stay float); ``()`` is ONNX Runtime's own set, as other tools' models expect.
     """
     options = session_options(level, threads)
     if profile_prefix is not None:
@@ -92,9 +95,10 @@ def make_session(model: onnx.ModelProto | bytes, level: str = "all", threads: in
         options.profile_file_prefix = profile_prefix
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
+        options.log_severity_level = 3  # not the warning that a saved "all"-level graph is machine-specific
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+                                disabled_optimizers=list(disabled_optimizers))
 
 
 class OnnxRuntimeBackend(Backend):

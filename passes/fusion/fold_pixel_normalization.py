@@ -93,8 +93,9 @@ def _fold(gm: fx.GraphModule, node: fx.Node, conv: fx.Node) -> None:
         first = gm.graph.call_function(aten.slice.Tensor, (pixels, 1, 0, 1))
         constant = gm.graph.call_function(aten.full_like.default, (first, PIXEL_MAX))
         augmented = gm.graph.call_function(aten.cat.default, ([pixels, constant], 1))
-    for new in (first, constant, augmented):
-        new.meta.update({key: value for key, value in node.meta.items() if key in (meta.NN_MODULE_STACK,)})
+    if meta.NN_MODULE_STACK in node.meta:  # the nodes stand where the normalisation stood
+        for new in (first, constant, augmented):
+            new.meta[meta.NN_MODULE_STACK] = node.meta[meta.NN_MODULE_STACK]
     node.replace_all_uses_with(augmented)
     gm.graph.erase_node(node)
     augmented.meta[meta.FIXED_RANGE] = FIXED_PIXEL_RANGE

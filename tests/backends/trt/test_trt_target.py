@@ -226,6 +226,13 @@ def _module_node(gm: fx.GraphModule, path: str, target: str = "aten.conv2d.defau
     return node
 
 
+def _residual_placement(compiled) -> tuple[int, int, int]:
+    """(residual adds, their skips quantised, their conv sides quantised) as the lowering counted them."""
+    placement = compiled.report.lowering["placement"]
+    return (placement["residual_adds"], placement["residual_skip_quantized"],
+            placement["residual_conv_side_quantized"])
+
+
 def _quantiser_behind(value: object) -> fx.Node | None:
     """The quantise-dequantise node that ``value`` is, looking through reshapes, flattens and max-pooling."""
     while isinstance(value, fx.Node) and str(value.target) in _PASSTHROUGH_TARGETS:
@@ -310,9 +317,7 @@ def test_residual_adds_quantise_the_skip_input_and_not_the_conv_side():
         assert str(conv_side.target) == "aten.conv2d.default", f"{add.name}: a quantiser on the conv side"
         assert skip.target is QUANTIZE_DEQUANTIZE, f"{add.name}: float skip input"
     assert compiled.report.entry("insert_qdq").stats["residual_adds"] == 2
-    placement = compiled.report.lowering["placement"]
-    assert (placement["residual_adds"], placement["residual_skip_quantized"],
-            placement["residual_conv_side_quantized"]) == (2, 2, 0)
+    assert _residual_placement(compiled) == (2, 2, 0)
 
 
 def test_biases_stay_float():
@@ -383,9 +388,7 @@ def test_a_downsample_skip_gets_the_quantiser_and_the_longer_branch_is_the_conv_
     (name,) = [node.name for node in model.graph.node if node.op_type == "Add"]
     found = residual_adds(model)
     assert found[name][:2] == (1, 0) and found[name][2].startswith("conv2.0/")
-    placement = compiled.report.lowering["placement"]
-    assert (placement["residual_adds"], placement["residual_skip_quantized"],
-            placement["residual_conv_side_quantized"]) == (1, 1, 0)
+    assert _residual_placement(compiled) == (1, 1, 0)
 
 
 # --- narrow layers ---------------------------------------------------------------------------------------------

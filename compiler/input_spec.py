@@ -68,9 +68,11 @@ def _check_one(spec: InputSpec, value: object) -> None:
                          input_name=spec.name, given=type(value).__name__, accepted="torch.Tensor")
     dtype = str(value.dtype).removeprefix("torch.")
     if dtype != spec.dtype:
-        raise InputError(f"input {spec.name!r} has dtype {dtype}; the artifact accepts {spec.dtype} "
-                         f"(convert it with .to(torch.{spec.dtype}))", input_name=spec.name, given=dtype,
-                         accepted=spec.dtype)
+        # A float image given to an artifact compiled for 8-bit pixels is a normalised image, not pixels.
+        hint = ("pass the 8-bit pixels themselves: the artifact normalises them" if spec.dtype == "uint8"
+                and value.is_floating_point() else f"convert it with .to(torch.{spec.dtype})")
+        raise InputError(f"input {spec.name!r} has dtype {dtype}; the artifact accepts {spec.dtype} ({hint})",
+                         input_name=spec.name, given=dtype, accepted=spec.dtype)
     if value.dim() != len(spec.shape):
         raise InputError(f"input {spec.name!r} has rank {value.dim()} (shape {tuple(value.shape)}); the artifact "
                          f"accepts rank {len(spec.shape)}: {spec.describe()}", input_name=spec.name,

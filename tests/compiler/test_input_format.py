@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compiler import compile
-from compiler.errors import TargetError
+from compiler.errors import InputError, TargetError
 from compiler.quant_ops import QUANTIZE_DEQUANTIZE
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -93,6 +93,12 @@ def test_a_model_that_does_not_start_with_a_conv_keeps_the_normalisation_as_floa
     (row,) = compiled.report.entry("fold_pixel_normalization").stats["normalizations"]
     assert row["folded"] is False and "something other than one conv2d" in row["reason"]
     assert torch.allclose(compiled(pixels), _reference(model, pixels, "NCHW"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_normalised_float_image_given_to_a_pixel_artifact_is_refused_with_what_to_pass():
+    compiled = compile(_cnn(), "cpu-fp32", (_pixels(2),), input_format=_format())
+    with pytest.raises(InputError, match="pass the 8-bit pixels themselves"):
+        compiled(torch.rand(2, 3, 24, 24))
 
 
 @pytest.mark.parametrize(("spec", "message"), [

@@ -323,30 +323,33 @@ def nncf_pipeline(fp32: dict[int, bytes], calibration: tuple[torch.Tensor, ...],
     return pipeline
 
 
-def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8", static: bool = False):
+def fxpress_target(max_float_macs: float | None, name: str = "cpu-int8", static: bool = False,
+                   reconstruct: bool = True):
     """A target by name, or cpu-int8 with another float-MAC budget for its sensitivity fallback.
 
     ``static`` keeps cpu-int8 static even for a Linear-heavy model (which it would hand to
-    cpu-int8-dynamic), to show what static int8 gives there.
+    cpu-int8-dynamic), to show what static int8 gives there; ``reconstruct=False`` drops the
+    ``reconstruct`` pass, to show what it buys.
     """
     import dataclasses
 
-    from compiler.targets import PassSpec, get_target
+    from compiler.targets import get_target, with_float_fallback
 
     target = get_target(name)
     if static:
         target = dataclasses.replace(target, linear_heavy_target=None)
+    if not reconstruct:
+        target = dataclasses.replace(target, pipeline=tuple(
+            spec for spec in target.pipeline if spec.name != "reconstruct"))
     if max_float_macs is None:
         return target
-    pipeline = tuple(
-        PassSpec(spec.name, {**spec.options, "max_float_macs": max_float_macs}) if spec.name == "quant_sensitivity"
-        else spec for spec in target.pipeline)
-    return dataclasses.replace(target, pipeline=pipeline)
+    return with_float_fallback(target, max_float_macs)
 
 
 def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
                      timing_inputs: dict[int, tuple], max_float_macs: float | None = None,
-                     target: str = "cpu-int8", static: bool = False, input_format: dict | None = None) -> Pipeline:
+                     target: str = "cpu-int8", static: bool = False, input_format: dict | None = None,
+                     reconstruct: bool = True) -> Pipeline:
     """The public API, target cpu-int8, timed through its ONNX Runtime model.
 
     With ``input_format`` the artifact takes 8-bit pixels: ``calibration`` and ``timing_inputs``
@@ -357,12 +360,13 @@ def fxpress_pipeline(name: str, calibration: list[tuple[torch.Tensor, ...]],
     from compiler.cli.model_source import resolve
 
     row = f"fxpress {target}" + (" uint8-input" if input_format else "") + \
-        ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + (" static" if static else "")
+        ("" if max_float_macs is None else f" float<={max_float_macs:.0%} MACs") + (" static" if static else "") + \
+        ("" if reconstruct else " no reconstruct")
     source = resolve(name)  # a fresh module: the peers' copy is left untouched
     example = (calibration[0][0][:1],) if input_format else source.example_inputs
     started = time.perf_counter()
     try:
-        chosen = fxpress_target(max_float_macs, target, static)
+        chosen = fxpress_target(max_float_macs, target, static, reconstruct)
         calibrates = any(spec.name == "calibrate" for spec in chosen.pipeline)
         compiled = compile(source.model, target=chosen, example_inputs=example,
                            calibration_data=calibration if calibrates else None,
@@ -612,6 +616,13 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             pipelines.append(guarded("nncf-ptq", lambda: nncf_pipeline(fp32, calibration, timing_inputs, Path(tmp))))
     pixel_timing = {batch: (pixels_of(inputs[0], pixel_format),) for batch, inputs in timing_inputs.items()} \
         if pixel_format else {}
+    if getattr(args, "no_reconstruct_row", False) and not encoder:  # what the reconstruct pass buys
+        pipelines.append(guarded("fxpress cpu-int8 no reconstruct", lambda: fxpress_pipeline(
+            name, calibration_batches, timing_inputs, reconstruct=False)))
+        if pixel_format:
+            pipelines.append(guarded("fxpress cpu-int8 uint8-input no reconstruct", lambda: fxpress_pipeline(
+                name, list(_chunks((pixel_calibration,), EVAL_CHUNK)), pixel_timing, input_format=pixel_format,
+                reconstruct=False)))
     for budget in args.float_macs or [None]:
         pipelines.append(guarded("fxpress cpu-int8", lambda budget=budget: fxpress_pipeline(
             name, calibration_batches, timing_inputs, budget)))
@@ -772,6 +783,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60, help="timed runs per pipeline and batch (default 60)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="sentence encoder sequence length (128)")
+    parser.add_argument("--no-reconstruct-row", action="store_true",
+                        help="Also compile cpu-int8 without its reconstruct pass (image models), to show what it buys.")
     parser.add_argument("--float-macs", type=float, nargs="+", default=None,
                         help="fxpress rows with these float-MAC budgets for quant_sensitivity (default: the target's)")
     parser.add_argument("--no-pt2e", action="store_true", help="skip the PT2E row (its torch.compile is slow)")

@@ -34,11 +34,13 @@ WEIGHT_INTEGERS = "fxpress_weight_integers"  # on a weight: {"integers", "scales
 KEPT_FEATURES = "fxpress_kept_features"  # on a pruned writer: {"dim", "index"}: its features in the unpruned output
 # BatchNorm folding, for BatchNorm-scale pruning importance.
 BN_GAMMA = "fxpress_bn_gamma"  # on a conv/linear that absorbed a BatchNorm: its gamma, one per output channel
+# on a dequantised weight or bias (and a corrected bias): the get_attr target of the float tensor it stands for
+FLOAT_SOURCE = "fxpress_float_source"
 
 ALL_KEYS = (
     VAL, NN_MODULE_STACK, STACK_TRACE, MODULE_PATH, MODULE_TYPE, SHAPE, DTYPE, PARAMS, MACS,
     FUSION_GROUP, FUSION_ROLE, FUSED_ACTIVATION, FIXED_RANGE, QUANT_RANGE, QUANT_PARAMS, QUANT_DECISION,
-    QUANT_SENSITIVITY, WEIGHT_INTEGERS, KEPT_FEATURES, BN_GAMMA,
+    QUANT_SENSITIVITY, WEIGHT_INTEGERS, KEPT_FEATURES, BN_GAMMA, FLOAT_SOURCE,
 )
 
 

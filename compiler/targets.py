@@ -114,14 +114,13 @@ TARGETS: Mapping[str, Target] = MappingProxyType({
             # GPTQ rounding of the weights: +1.2-1.4 dB output SQNR on EfficientNet-Lite0 (7-bit
             # weights) for about 5 s of compile time (32 samples; depthwise convs keep nearest rounding).
             PassSpec("gptq"),
-            # Float layers cost layout changes around them (at the model's input, only after them).
-            # On EfficientNet-Lite0 (VNNI CPU, 500 crops) the stem alone float (2.8% of MACs) gave
-            # 95.6% top-1 agreement and 24.9 dB, the stem and the first depthwise conv (3.7%) 96.2%
-            # and 27.3 dB at about the same latency (batch 1 below quantize_static's, batch 16 7-17%
-            # above); 10% of MACs cost 1.28-1.89x quantize_static's latency (bench/int8_peers.py).
-            PassSpec("quant_sensitivity", {"metric": "cosine", "max_drop": 1e-4, "max_float_macs": 0.04}),
             PassSpec("bias_correction"),
             PassSpec("insert_qdq"),
+            # Every layer in integer kernels, each refitted to fp32's output from the int8 model's own
+            # input: EfficientNet-Lite0 (8-bit pixels, 500 crops) from 24.7 to 27.4-27.5 dB, where keeping
+            # the stem and first depthwise conv float gave 25.0-27.3 dB and cost layout changes. Float
+            # fallback stays one with_float_fallback() (--float-macs) away.
+            PassSpec("reconstruct", {"rows": 2048}),
         ),
         backend="onnxruntime",
         backend_options={"opset": 18, "graph_optimization_level": "all"},
@@ -206,6 +205,24 @@ def with_calibrator(target: str | Target, calibrator: str, **options: Any) -> Ta
     pipeline = tuple(PassSpec("calibrate", {**spec.options, **chosen}) if spec.name == "calibrate" else spec
                      for spec in target.pipeline)
     return dataclasses.replace(target, pipeline=pipeline)
+
+
+def with_float_fallback(target: str | Target, max_float_macs: float = 0.04) -> Target:
+    """``target`` keeping its most harmful layers float (``quant_sensitivity``), up to ``max_float_macs`` of MACs."""
+    target = get_target(target)
+    if isinstance(max_float_macs, bool) or not isinstance(max_float_macs, (int, float)) \
+            or not 0 <= max_float_macs <= 1:
+        raise TargetError(f"max_float_macs is a share of the MACs in [0, 1], got {max_float_macs!r}")
+    names = [spec.name for spec in target.pipeline]
+    if "insert_qdq" not in names or "calibrate" not in names:
+        raise TargetError(f"target {target.name!r} does not quantise with calibration; float fallback needs one "
+                          "that does")
+    sensitivity = PassSpec("quant_sensitivity",
+                           {"metric": "cosine", "max_drop": 1e-4, "max_float_macs": max_float_macs})
+    pipeline = [spec for spec in target.pipeline if spec.name != "quant_sensitivity"]
+    before = next(i for i, spec in enumerate(pipeline) if spec.name in ("bias_correction", "insert_qdq"))
+    pipeline.insert(before, sensitivity)
+    return dataclasses.replace(target, pipeline=tuple(pipeline))
 
 
 def get_target(target: str | Target) -> Target:

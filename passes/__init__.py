@@ -22,6 +22,7 @@ from passes.quant.cross_layer_equalization import CrossLayerEqualization
 from passes.quant.gptq import GPTQ
 from passes.quant.insert_qdq import InsertQDQ
 from passes.quant.quant_sensitivity import QuantSensitivity
+from passes.quant.reconstruct import Reconstruct
 from passes.quant.smooth_quant import SmoothQuant
 from passes.recovery.recover import Recover
 
@@ -46,6 +47,7 @@ REGISTRY: dict[str, type[Pass]] = {
         CrossLayerEqualization,
         SmoothQuant,
         GPTQ,
+        Reconstruct,
     )
 }
 

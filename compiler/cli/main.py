@@ -18,7 +18,7 @@ import click
 
 from compiler.cli.lint import lint_command
 from compiler.errors import AccuracyError, FxpressError
-from compiler.targets import CALIBRATORS, TARGETS, with_calibrator
+from compiler.targets import CALIBRATORS, TARGETS, with_calibrator, with_float_fallback
 
 INTERNAL_ERROR = 70
 INTERRUPTED = 130
@@ -95,6 +95,9 @@ def _target_steps(target: str) -> int:
               help="Calibration samples from a zoo model's bundled data, for targets that calibrate.")
 @click.option("--float-module", "float_modules", multiple=True,
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
+@click.option("--float-macs", type=click.FloatRange(0, 1), default=None,
+              help="Keep the layers that harm the output most in float (sensitivity analysis), up to this share "
+                   "of the MACs (e.g. 0.04); by default every layer runs in integer kernels.")
 @click.option("--calibrator", type=click.Choice(list(CALIBRATORS)), default=None,
               help="Activation calibrator of a calibrating target (trt-int8's default: entropy, as TensorRT's "
                    "EntropyCalibration2; percentile keeps 99.99%).")
@@ -124,7 +127,8 @@ def _target_steps(target: str) -> int:
               help="PyTorch threads while compiling: auto (the cores found idle at the start, at least one: on a "
                    "loaded machine fewer threads wait less for each other) or a number.")
 @_JSON
-def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, calibrator,
+def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, float_macs,
+                    calibrator,
                     prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, input_dtype,
                     input_mean, input_std, input_layout, threads, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
@@ -150,6 +154,8 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
     chosen = _with_float_modules(target, float_modules)
+    if float_macs is not None:
+        chosen = with_float_fallback(chosen, float_macs)
     if calibrator is not None:
         chosen = with_calibrator(chosen, calibrator)
     prune = {"macs": prune_macs} if prune_macs is not None else \

@@ -60,7 +60,9 @@ class BiasCorrection(Pass):
             return None
         value = ir.get_attribute(gm, bias.target).detach()
         corrected = (value.double() - shift).to(value.dtype)
-        point.op.replace_input_with(bias, ir.add_get_attr(gm, f"{bias.target}_corrected", corrected, before=point.op))
+        replacement = ir.add_get_attr(gm, f"{bias.target}_corrected", corrected, before=point.op)
+        replacement.meta[meta.FLOAT_SOURCE] = bias.meta.get(meta.FLOAT_SOURCE, bias.target)
+        point.op.replace_input_with(bias, replacement)
         return {"module_path": ir.module_path(point.op), "max_shift": float(shift.abs().max()),
                 "mean_shift": float(shift.abs().mean())}
 

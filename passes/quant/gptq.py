@@ -92,7 +92,7 @@ def input_moment(op: fx.Node, args: tuple) -> tuple[torch.Tensor, int] | None:
     if ir.op_name(op) == "aten.linear":
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         return (rows.T @ rows).double().unsqueeze(0), rows.shape[0]
-    stride, padding, dilation = _pair(args, 3, 1), _pair(args, 4, 0), _pair(args, 5, 1)
+    stride, padding, dilation = pair_option(args, 3, 1), pair_option(args, 4, 0), pair_option(args, 5, 1)
     groups = args[6] if len(args) > 6 else 1
     if ir.op_name(op) != "aten.conv2d" or x.dim() != 4 or isinstance(padding, str):
         return None
@@ -108,7 +108,8 @@ def input_moment(op: fx.Node, args: tuple) -> tuple[torch.Tensor, int] | None:
     return torch.einsum("ngkp,nglp->gkl", columns, columns).double(), batch * columns.shape[3]
 
 
-def _pair(args: tuple, index: int, default: int) -> tuple[int, int] | str:
+def pair_option(args: tuple, index: int, default: int) -> tuple[int, int] | str:
+    """A conv's stride, padding or dilation argument ``index`` as a pair (or padding's string form)."""
     value = args[index] if len(args) > index else default
     if isinstance(value, str):
         return value
@@ -116,19 +117,23 @@ def _pair(args: tuple, index: int, default: int) -> tuple[int, int] | str:
 
 
 def gptq_round(weight: torch.Tensor, scales: torch.Tensor, moment: torch.Tensor, largest: int,
-               damping: float = 0.01, block: int = 128) -> torch.Tensor:
+               damping: float = 0.01, block: int = 128, free: int = 0) -> torch.Tensor:
     """GPTQ integers for ``weight`` ``(groups, rows, K)``, per-row ``scales`` and input ``moment`` ``(groups, K, K)``.
 
     Columns are quantised in order of decreasing input energy (``diag(H)``), the "act order" of
     the GPTQ reference, each column's error spread over the rest through the Cholesky factor of
-    ``H^-1``. ``damping`` adds that fraction of the mean diagonal to ``H``, as GPTQ does.
+    ``H^-1``. ``damping`` adds that fraction of the mean diagonal to ``H``, as GPTQ does. The last
+    ``free`` columns (a bias fitted with the weights) come last and are not rounded: they take the
+    others' error and come back in units of the row's scale, like the integers.
     """
     groups, rows, width = weight.shape
+    rounded_width = width - free
     hessian = moment.clone()
     diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
     dead = diagonal == 0
     diagonal += damping * diagonal.mean(dim=1, keepdim=True).clamp(min=1e-12) + dead.double()
-    order = torch.argsort(torch.diagonal(moment, dim1=1, dim2=2), dim=1, descending=True)
+    order = torch.argsort(torch.diagonal(moment, dim1=1, dim2=2)[:, :rounded_width], dim=1, descending=True)
+    order = torch.cat([order, torch.arange(rounded_width, width).expand(groups, -1)], dim=1)
     hessian = torch.gather(torch.gather(hessian, 1, order.unsqueeze(2).expand(-1, -1, width)), 2,
                            order.unsqueeze(1).expand(-1, width, -1))
     # float32 from here, as in the GPTQ reference: the damped moment is well conditioned, and the
@@ -145,7 +150,8 @@ def gptq_round(weight: torch.Tensor, scales: torch.Tensor, moment: torch.Tensor,
         local = inverse[:, start:end, start:end]
         for column in range(end - start):
             exact = chunk[:, :, column]
-            rounded = torch.round(exact / step[:, :, 0]).clamp(-largest, largest)
+            rounded = torch.round(exact / step[:, :, 0]).clamp(-largest, largest) if start + column < rounded_width \
+                else exact / step[:, :, 0]
             integers[:, :, start + column] = rounded
             error = (exact - rounded * step[:, :, 0]) / local[:, column, column].unsqueeze(1)
             chunk[:, :, column:] -= error.unsqueeze(2) * local[:, column, column:].unsqueeze(1)

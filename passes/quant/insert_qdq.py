@@ -291,6 +291,7 @@ def _dequantized(gm: fx.GraphModule, original: fx.Node, integers: torch.Tensor, 
     _inherit_meta(node, before)
     if meta.VAL in original.meta:
         node.meta[meta.VAL] = original.meta[meta.VAL]
+    node.meta[meta.FLOAT_SOURCE] = original.meta.get(meta.FLOAT_SOURCE, original.target)
     return node
 
 

@@ -39,6 +39,20 @@ def _layer(rows: int, width: int, seed: int, largest: int):
     return weight, scales
 
 
+def test_free_columns_take_the_error_unrounded_and_the_rest_stays_in_range():
+    weight, scales = _layer(5, 12, 3, 127)
+    bias = torch.randn(1, 5, 1, generator=torch.Generator().manual_seed(4))
+    moment = _correlated_moment(13, 3)
+    chosen = gptq_round(torch.cat([weight, bias], dim=2), scales, moment, 127, free=1)
+    step = scales.double().unsqueeze(2)
+    assert torch.equal(chosen[:, :, :12], chosen[:, :, :12].round()) and chosen[:, :, :12].abs().max() <= 127
+    assert not torch.equal(chosen[:, :, 12:], chosen[:, :, 12:].round())  # the free column is not rounded
+    alone = gptq_round(weight, scales, moment[:, :12, :12], 127)
+    exact = torch.cat([weight, bias], dim=2).double()
+    with_free = output_error(exact, chosen * step, moment)
+    assert with_free < output_error(exact, torch.cat([alone * step, bias.double()], dim=2), moment)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_uncorrelated_inputs_give_nearest_rounding(seed):
     weight, scales = _layer(6, 20, seed, 63)
@@ -104,7 +118,7 @@ def _images(count: int, seed: int) -> torch.Tensor:
 
 def _target(with_gptq: bool, **options):
     base = get_target("cpu-int8")
-    dropped = {"quant_sensitivity"} | (set() if with_gptq else {"gptq"})
+    dropped = {"quant_sensitivity", "reconstruct"} | (set() if with_gptq else {"gptq"})
     pipeline = tuple(PassSpec(spec.name, {**spec.options, **options}) if spec.name == "gptq" else spec
                      for spec in base.pipeline if spec.name not in dropped)
     return dataclasses.replace(base, pipeline=pipeline)
@@ -122,10 +136,10 @@ def compiled_pair():
     return _compile(True), _compile(False)
 
 
-def test_registered_in_cpu_int8_before_the_sensitivity_analysis():
+def test_registered_in_cpu_int8_between_calibration_and_the_quantisers():
     assert REGISTRY["gptq"] is GPTQ
     names = [spec.name for spec in get_target("cpu-int8").pipeline]
-    assert names.index("calibrate") < names.index("gptq") < names.index("quant_sensitivity") < names.index("insert_qdq")
+    assert names.index("calibrate") < names.index("gptq") < names.index("insert_qdq")
 
 
 def _integer_weights(compiled) -> dict[str, torch.Tensor]:

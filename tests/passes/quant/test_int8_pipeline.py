@@ -22,7 +22,7 @@ from compiler import compile, ir, meta, probe
 from compiler.errors import CalibrationDataError, TargetError
 from compiler.pass_base import PassContext
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL, QUANTIZE_DEQUANTIZE
-from compiler.targets import PassSpec, get_target
+from compiler.targets import PassSpec, get_target, with_float_fallback
 from passes.quant.insert_qdq import activation_qparams, sum_preserving_round, weight_scales
 from passes.quant.quant_sensitivity import _macs_scale, _noise_share
 from tests.support import randomize_batch_norm
@@ -153,7 +153,7 @@ def test_float_module_override_keeps_that_conv_float_with_half_storage():
 
 
 def test_sensitivity_ranks_every_integer_op_with_its_module_path():
-    target = dataclasses.replace(get_target("cpu-int8"))
+    target = with_float_fallback("cpu-int8")
     compiled = compile(_model(), target, _data(1, 0), calibration_data=[_data(16, 1)])
     rows = compiled.report.entry("quant_sensitivity").stats["layers"]
     assert {row["module_path"] for row in rows} >= {"stem.0", "depthwise.0", "project", "head"}
@@ -228,7 +228,7 @@ def test_conv_model_stays_static_and_the_choice_is_recorded(compiled):
 
 
 def _sensitivity_target(**options):
-    base = get_target("cpu-int8")
+    base = with_float_fallback("cpu-int8")
     pipeline = tuple(
         PassSpec(spec.name, {**spec.options, **options}) if spec.name == "quant_sensitivity" else spec
         for spec in base.pipeline)

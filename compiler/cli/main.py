@@ -138,6 +138,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
       fxpress compile efficientnet-lite0 -o out/
       fxpress compile my_model.py:build --target cpu-fp32 -o out/ --force --strict
       fxpress compile efficientnet-lite0 --target cpu-int8 -o out-int8/
+      fxpress compile efficientnet-lite0 --target cpu-int8 --float-macs 0.04 -o out-int8-fallback/
       fxpress compile digits-cnn -o out-pruned/ --prune-macs 0.5 --recover-seconds 30
       fxpress compile efficientnet-lite0 -o out-fast/ --prune-latency 0.7
       fxpress compile minilm-l6 -o out-low-rank/ --low-rank-macs 0.3

@@ -222,8 +222,8 @@ class GPTQ(Pass):
         samples, limit = 0, self.options["samples"]
         with torch.no_grad():
             for batch in ctx.calibration_data:
-                for start in range(0, _count(batch), self.options["batch_size"]):
-                    size = min(self.options["batch_size"], limit - samples, _count(batch) - start)
+                for start in range(0, batch_samples(batch), self.options["batch_size"]):
+                    size = min(self.options["batch_size"], limit - samples, batch_samples(batch) - start)
                     interpreter.run(*(t[start:start + size] if t.dim() else t for t in batch))
                     samples += size
                     if samples >= limit:
@@ -265,5 +265,6 @@ def _depthwise(op: fx.Node) -> bool:
     return groups > 1
 
 
-def _count(batch: tuple[torch.Tensor, ...]) -> int:
+def batch_samples(batch: tuple[torch.Tensor, ...]) -> int:
+    """Samples in a batch, counted along dimension 0 of its first tensor (1 for a scalar)."""
     return batch[0].shape[0] if batch and batch[0].dim() else 1

@@ -21,7 +21,7 @@ from compiler.errors import CalibrationDataError, PassError
 from compiler.quant_ops import DEQUANTIZE_PER_CHANNEL
 from compiler.targets import PassSpec, get_target, with_float_fallback
 from passes import REGISTRY
-from passes.quant.reconstruct import Reconstruct, patches, refit_bias, ridge_solution
+from passes.quant.reconstruct import Reconstruct, patches, refit_bias, ridge_solution, sample_batches
 from tests.support import randomize_batch_norm
 
 
@@ -51,6 +51,16 @@ def test_sparse_patches_are_a_grid_of_the_dense_ones():
     sparse = patches(_Node("conv2d"), args, x, per_sample=64)
     dense = nn.functional.unfold(x, 3, padding=1, stride=4)
     assert sparse.shape[3] == 64 and torch.equal(sparse[:, 0], dense)
+
+
+def test_sample_batches_rebatch_images_and_keep_token_lengths_apart():
+    images = [(torch.rand(10, 3, 4, 4),), (torch.rand(10, 3, 4, 4),), (torch.rand(10, 3, 4, 4),)]
+    batches = sample_batches(images, 25, 8)
+    assert [batch[0].shape[0] for batch in batches] == [8, 8, 8, 1]
+    assert torch.equal(torch.cat([batch[0] for batch in batches]), torch.cat([images[0][0], images[1][0],
+                                                                             images[2][0][:5]]))
+    tokens = [(torch.zeros(4, 12, dtype=torch.int64),), (torch.zeros(4, 20, dtype=torch.int64),)]
+    assert [batch[0].shape for batch in sample_batches(tokens, 6, 16)] == [(4, 12), (2, 20)]
 
 
 def test_the_ridge_solution_of_an_exact_input_is_the_float_weights():

@@ -41,6 +41,11 @@ class Gate:
     threshold: float
     baseline: str | None = None
 
+    @property
+    def key(self) -> str:
+        """The name its value is measured under: the metric, and for latency also the baseline."""
+        return f"{self.metric} vs {self.baseline}" if self.baseline else self.metric
+
     def passes(self, value: float | None) -> bool:
         """True when ``value`` satisfies the gate (an infinite SQNR, ``None``, passes any floor)."""
         if value is None:
@@ -169,10 +174,10 @@ def evaluate(gates: list[Gate], measured: dict[str, float | None]) -> list[GateR
     """
     results = []
     for gate in gates:
-        if gate.metric not in measured:
+        if gate.key not in measured:
             raise UsageError(f"gate {gate}: {gate.metric} cannot be measured here "
                              f"({_why_missing(gate.metric)}); measured: {', '.join(sorted(measured))}")
-        results.append(GateResult(gate, measured[gate.metric]))
+        results.append(GateResult(gate, measured[gate.key]))
     return results
 
 

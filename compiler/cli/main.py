@@ -355,6 +355,70 @@ def verify_command(artifact, model, samples, as_json) -> None:
                             f"(max abs diff {report['max_abs']:.3g})")
 
 
+@main.command("run")
+@click.argument("recipe")
+@click.option("--output", "-o", default=None, help="Artifact directory (default: the recipe's output.directory).")
+@click.option("--gate", "gates", multiple=True,
+              help="A gate besides the recipe's, e.g. 'top1_agreement >= 0.97' or 'latency_ratio <= 1.0 vs fp32'; "
+                   "repeatable.")
+@click.option("--keep-failed", is_flag=True, help="When a gate fails, still write the artifact, as DIR.failed.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@_JSON
+def run_command(recipe, output, gates, keep_failed, force, as_json) -> None:
+    """Compile the model a RECIPE (TOML) names, check its gates, benchmark it, and write the artifact.
+
+    A failed gate exits 6 and writes nothing (with --keep-failed: DIR.failed).
+
+    \b
+    Examples:
+      fxpress run examples/efficientnet-lite0-int8.toml -o out/
+      fxpress run recipe.toml -o out/ --gate 'top1_agreement >= 0.97' --json
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
+    from compiler.recipe import load_recipe
+    from compiler.recipe_run import run_recipe
+
+    chosen = load_recipe(recipe).with_gates(list(gates))
+    directory = _recipe_output(chosen, output)
+    with _progress(_recipe_steps(chosen), f"running {recipe}") as step:
+        result = run_recipe(chosen, directory, force=force, keep_failed=keep_failed, progress=step)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else _render_run(result))
+    if not result.passed:
+        failed = ", ".join(str(item.gate) for item in result.gates if not item.passed)
+        kept = f"kept as {result.directory}" if result.directory else "nothing written"
+        raise AccuracyError(f"gate(s) failed: {failed}; {kept}")
+
+
+def _recipe_output(recipe, output: str | None):
+    from compiler.errors import UsageError
+
+    if output is not None:
+        return _absolute(output)
+    if recipe.get("output.directory") is None:
+        raise UsageError("give -o DIR or the recipe key output.directory")
+    return _absolute(str(recipe.resolve_path(recipe.get("output.directory"))))
+
+
+def _recipe_steps(recipe) -> int:
+    from compiler.recipe import recipe_target
+
+    return len(recipe_target(recipe).pipeline) + 2  # capture, passes, lowering
+
+
+def _render_run(result) -> str:
+    from compiler.gates import render
+
+    lines = [str(result.compiled.report), "metrics on the evaluation data:"]
+    lines += [f"  {key:<18} {value:.4f}" for key, value in result.metrics.items()
+              if isinstance(value, float) and key not in {item.gate.key for item in result.gates}]
+    if result.latency is not None:
+        lines += [f"  p50 {item['runner']} at batch {item['batch']}: {item['p50_ms']:.2f} ms"
+                  for item in result.latency["results"]]
+    if result.gates:
+        lines += ["gates:", render(result.gates)]
+    lines.append(f"wrote {result.directory}" if result.directory else "wrote nothing")
+    return "\n".join(lines)
+
+
 main.add_command(lint_command)
 
 

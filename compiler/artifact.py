@@ -1,10 +1,10 @@
-"""The artifact directory: ``model.onnx``, ``manifest.json``, ``report.json``, ``report.txt``.
+"""The artifact directory: ``model.onnx``, ``manifest.json``, ``report.json``, ``report.txt``, ``report.html``.
 
 Writing goes into a staging directory beside the destination, renamed into place at the end, so
 an interrupted write leaves any previous artifact whole. A process killed outright (SIGKILL)
 cannot clean up after itself: its staging directory (``.NAME.partial-PID-...``) is removed by the
 next fxpress write beside it. Reading checks the SHA-256 of every model file against the
-manifest and never unpickles anything.
+manifest and never unpickles anything. The reports hold timings, so they are not checksummed.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import onnx
 
 from compiler.errors import ArtifactError
 from compiler.report import Ledger
+from compiler.report_html import render_html
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 REPORT_JSON = "report.json"
 REPORT_TEXT = "report.txt"
+REPORT_HTML = "report.html"
 FORMAT = "fxpress-artifact/1"
+_RESERVED = (MODEL_FILE, DATA_FILE, MANIFEST_FILE, REPORT_JSON, REPORT_TEXT, REPORT_HTML)
 # protobuf cannot serialise a message of 2 GiB or more: larger models keep weights beside it.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
 
@@ -113,7 +116,7 @@ def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: 
     )
     files = [MODEL_FILE] + ([DATA_FILE] if external else [])
     for name, data in sorted(extra.items()):
-        if Path(name).name != name or name in (MODEL_FILE, DATA_FILE, MANIFEST_FILE, REPORT_JSON, REPORT_TEXT):
+        if Path(name).name != name or name in _RESERVED:
             raise ArtifactError(f"artifact file name {name!r} is not a plain, free file name")
         (staging / name).write_bytes(data)
         files.append(name)
@@ -121,6 +124,7 @@ def _write_files(staging: Path, model: onnx.ModelProto, manifest: dict, report: 
     (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     (staging / REPORT_JSON).write_text(report.to_json() + "\n")
     (staging / REPORT_TEXT).write_text(str(report) + "\n")
+    (staging / REPORT_HTML).write_text(render_html(report), encoding="utf-8")
     for path in staging.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())

@@ -209,7 +209,7 @@ def _record(compiled, recipe: Recipe, results: list[GateResult], latency: dict |
     report = compiled.report
     report.gates = [result.to_dict() for result in results]
     if latency is not None:
-        report.lowering["benchmark"] = {key: value for key, value in latency.items() if key != "samples_ms"}
+        report.lowering["benchmark"] = latency  # with every timed run, for report.html's distributions
 
 
 def benchmark(prepared: Prepared, compiled, recipe: Recipe) -> dict | None:

@@ -44,6 +44,8 @@ class Ledger:
     entries: list[LedgerEntry] = field(default_factory=list)
     lowering: dict[str, Any] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    # Accuracy and speed gates with their verdicts: GateResult.to_dict() ({"gate", "value", "passed", ...}).
+    gates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def front_end(self) -> str:
@@ -67,6 +69,7 @@ class Ledger:
             "passes": [entry.to_dict() for entry in self.entries],
             "lowering": self.lowering,
             "fallbacks": list(self.fallbacks),
+            "gates": [dict(gate) for gate in self.gates],
         }
 
     @classmethod
@@ -76,6 +79,7 @@ class Ledger:
             model=data.get("model", ""), target=data.get("target", ""), capture=data.get("capture", {}),
             initial=data.get("initial", {}), entries=[LedgerEntry(**entry) for entry in data.get("passes", [])],
             lowering=data.get("lowering", {}), fallbacks=list(data.get("fallbacks", [])),
+            gates=[dict(gate) for gate in data.get("gates", [])],
         )
 
     def to_json(self) -> str:
@@ -93,7 +97,7 @@ def render_table(ledger: Ledger) -> str:
     """The ledger as a fixed-width text table."""
     rows = [_initial_row(ledger)] + [_entry_row(i, e) for i, e in enumerate(ledger.entries, 1)]
     widths = [max(len(str(row[col])) for row in rows + [_COLUMNS]) for col in range(len(_COLUMNS))]
-    lines = [_header(ledger), *_dynamic_lines(ledger.capture), _format_row(_COLUMNS, widths),
+    lines = [_header(ledger), *dynamic_lines(ledger.capture), _format_row(_COLUMNS, widths),
              _format_row(["-" * w for w in widths], widths)]
     lines += [_format_row(row, widths) for row in rows]
     lines += _lowering_lines(ledger)
@@ -146,7 +150,7 @@ def _header(ledger: Ledger) -> str:
     )
 
 
-def _dynamic_lines(capture: dict[str, Any]) -> list[str]:
+def dynamic_lines(capture: dict[str, Any]) -> list[str]:
     """The dimensions that may vary, with the bounds found, e.g. ``input_ids: batch >= 1, sequence 1..512``."""
     dims = capture.get("dynamic_dims")
     if dims is None:
@@ -165,7 +169,7 @@ def _dynamic_lines(capture: dict[str, Any]) -> list[str]:
 def _initial_row(ledger: Ledger) -> list[str]:
     initial = ledger.initial
     return ["0", "capture", "", "", f"nodes={initial.get('nodes', 0)}", "",
-            _count(initial.get("params", 0)), _count(initial.get("macs", 0)), "", ""]
+            short_count(initial.get("params", 0)), short_count(initial.get("macs", 0)), "", ""]
 
 
 def _entry_row(index: int, entry: LedgerEntry) -> list[str]:
@@ -204,7 +208,8 @@ def _format_row(row, widths) -> str:
     return "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
 
 
-def _count(value: int) -> str:
+def short_count(value: int) -> str:
+    """``1234567`` as ``1.23M``."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= size:
             return f"{value / size:.2f}{unit}"
@@ -212,7 +217,7 @@ def _count(value: int) -> str:
 
 
 def _change(before: int, after: int) -> str:
-    return _count(after) if before == after else f"{_count(before)}->{_count(after)}"
+    return short_count(after) if before == after else f"{short_count(before)}->{short_count(after)}"
 
 
 def _short(value: Any) -> str:

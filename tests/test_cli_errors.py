@@ -26,7 +26,7 @@ from compiler import TARGETS, TargetError
 from compiler.cli import main
 from compiler.cli.model_source import resolve
 
-ARTIFACT_FILES = ["manifest.json", "model.onnx", "report.json", "report.txt"]
+ARTIFACT_FILES = ["manifest.json", "model.onnx", "report.html", "report.json", "report.txt"]
 COMMANDS = ["compile", "inspect", "bench", "verify", "targets", "zoo"]
 
 FACTORIES = textwrap.dedent('''

@@ -48,5 +48,5 @@ def test_readme_run_command_works(tmp_path, monkeypatch):
     assert "fold_conv_bn" in result.output
     output_dir = shlex.split(run)[shlex.split(run).index("-o") + 1]
     assert sorted(p.name for p in (tmp_path / output_dir).iterdir()) == [
-        "manifest.json", "model.onnx", "report.json", "report.txt",
+        "manifest.json", "model.onnx", "report.html", "report.json", "report.txt",
     ]

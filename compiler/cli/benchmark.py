@@ -127,6 +127,26 @@ def render_benchmark(report: dict) -> str:
 
 
 def plot_benchmark(report: dict, path: str) -> None:
+    """The latency distributions: an HTML page with inline SVG charts when ``path`` ends in ``.html``, else a PNG."""
+    if path.lower().endswith((".html", ".htm")):
+        _write_latency_page(report, path)
+    else:
+        _plot_png(report, path)
+
+
+def _write_latency_page(report: dict, path: str) -> None:
+    """A self-contained page (no matplotlib needed): every run as a dot, box, median, and the percentile table."""
+    from compiler.errors import UsageError
+    from compiler.report_html import render_latency_html
+
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(render_latency_html(report))
+    except OSError as error:
+        raise UsageError(f"--plot: cannot write {path}: {error.strerror}; choose a writable path") from error
+
+
+def _plot_png(report: dict, path: str) -> None:
     """Box plots of the latency distributions, one panel per batch size."""
     try:
         import matplotlib

@@ -303,7 +303,8 @@ def inspect_command(model, target, dump_dir, as_json) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="Threads for every runner (0: defaults).")
 @click.option("--compare", is_flag=True, help="Also time eager PyTorch and a plain torch.onnx.export.")
-@click.option("--plot", default=None, help="Draw the latency distributions into this PNG file.")
+@click.option("--plot", default=None,
+              help="Draw the latency distributions into this file: a PNG, or a self-contained HTML page (.html).")
 @_JSON
 def bench_command(subject, model, target, batches, runs, warmup, threads, compare, plot, as_json) -> None:
     """Measure latency percentiles, throughput and memory of SUBJECT (an artifact directory or a model).
@@ -386,6 +387,45 @@ def run_command(recipe, output, gates, keep_failed, force, as_json) -> None:
         failed = ", ".join(str(item.gate) for item in result.gates if not item.passed)
         kept = f"kept as {result.directory}" if result.directory else "nothing written"
         raise AccuracyError(f"gate(s) failed: {failed}; {kept}")
+
+
+@main.command("bisect")
+@click.argument("recipe")
+@click.option("--gate", "gates", multiple=True, help="A gate besides the recipe's, e.g. 'top1_agreement >= 0.97'.")
+@click.option("--no-verify", is_flag=True, help="Do not compile the patched recipe to check it on ONNX Runtime.")
+@click.option("--write-patched", default=None,
+              help="Write the recipe with the patch applied to this TOML file (relative paths as in RECIPE's folder).")
+@_JSON
+def bisect_command(recipe, gates, no_verify, write_patched, as_json) -> None:
+    """Find the pass, and the layers in it, that make RECIPE fail its quality gates; print a patch.
+
+    The IR after every pass is evaluated on the recipe's evaluation data; inside the first failing
+    quantising, pruning or factorising pass, the smallest set of layers to keep as they were is
+    searched (one at a time, then greedy), and the recipe patch that keeps them is printed and,
+    unless --no-verify, compiled and measured on ONNX Runtime.
+
+    \b
+    Examples:
+      fxpress bisect examples/efficientnet-lite0-int8.toml --gate 'top1_agreement >= 0.97'
+      fxpress bisect recipe.toml --json --write-patched recipe-patched.toml
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
+    from compiler.bisect import bisect
+    from compiler.recipe import load_recipe, to_toml
+    from compiler.recipe_run import prepare
+
+    chosen = load_recipe(recipe).with_gates(list(gates))
+    prepared = prepare(chosen)
+    keys = ("calibration_data", "prune", "low_rank", "train_data", "recover_seconds", "recover", "dynamic_dims",
+            "input_format", "threads")
+    say = (lambda line: None) if as_json else (lambda line: click.echo(f"  {line}", err=True))
+    report = bisect(prepared.source.model, prepared.target, prepared.source.example_inputs,
+                    eval_inputs=prepared.eval_inputs, gates=list(chosen.gates), labels=prepared.labels,
+                    verify_patch=not no_verify, progress=say, **{key: prepared.compile_options[key] for key in keys})
+    if write_patched and report.patch:
+        from pathlib import Path
+
+        Path(write_patched).write_text(to_toml(chosen.patched(report.patch).data))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
 
 
 def _recipe_output(recipe, output: str | None):

@@ -29,7 +29,7 @@ import compiler.artifact as artifact
 from compiler import ArtifactError, load
 from compiler.artifact import sha256_of
 
-ARTIFACT_FILES = ["manifest.json", "model.onnx", "report.json", "report.txt"]
+ARTIFACT_FILES = ["manifest.json", "model.onnx", "report.html", "report.json", "report.txt"]
 
 
 # --- models and helpers -----------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The processes differ in everything that must not matter: ``PYTHONHASHSEED`` (set and dict
 iteration order, hence any name or order that leaks from a hash), the working directory and the
-output path (which must not leak into the files). Only ``report.json`` and ``report.txt`` may
-differ: they hold timings.
+output path (which must not leak into the files). Only the reports (``report.json``, ``report.txt``,
+``report.html``) may differ: they hold timings.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def test_save_writes_the_artifact(case, tmp_path):
     _, _, compiled = case
     directory = compiled.save(tmp_path / "artifact")
     assert sorted(path.name for path in directory.iterdir()) == [
-        "manifest.json", "model.onnx", "report.json", "report.txt",
+        "manifest.json", "model.onnx", "report.html", "report.json", "report.txt",
     ]
     data = (directory / "model.onnx").read_bytes()
     assert data == compiled.onnx.SerializeToString()
@@ -185,7 +185,7 @@ def test_save_refuses_a_non_empty_directory_without_force(case, tmp_path):
     assert not [path for path in tmp_path.iterdir() if path.name != "taken"]  # no partial artifact
     compiled.save(directory, force=True)
     assert sorted(path.name for path in directory.iterdir()) == [
-        "manifest.json", "model.onnx", "report.json", "report.txt",
+        "manifest.json", "model.onnx", "report.html", "report.json", "report.txt",
     ]
 
 

@@ -186,11 +186,3 @@ def _why_missing(metric: str) -> str:
             "accuracy_drop": "the evaluation data have no labels",
             "latency_ratio": "no latency was measured"}.get(metric, "not measured")
 
-
-def render(results: list[GateResult]) -> str:
-    """One line per gate: PASS/FAIL, the gate and the measured value."""
-    lines = []
-    for result in results:
-        value = "inf" if result.value is None else f"{result.value:.4f}"
-        lines.append(f"  {'PASS' if result.passed else 'FAIL'}  {result.gate}  (measured {value})")
-    return "\n".join(lines)

@@ -103,7 +103,19 @@ def render_table(ledger: Ledger) -> str:
     lines += _lowering_lines(ledger)
     lines += [f"fallback: {text}" for text in ledger.fallbacks]
     lines += quantization_lines(ledger)
+    lines += gate_lines(ledger)
     return "\n".join(lines)
+
+
+def gate_lines(ledger: Ledger) -> list[str]:
+    """The gates a recipe run measured, one line each with its value and verdict."""
+    if not ledger.gates:
+        return []
+    lines = ["", "gates:"]
+    for gate in ledger.gates:
+        value = "inf" if gate.get("value") is None else f"{gate['value']:.4f}"
+        lines.append(f"  {'PASS' if gate.get('passed') else 'FAIL'}  {gate.get('gate')}  (measured {value})")
+    return lines
 
 
 _QUANT_COLUMNS = ("module path", "tensor", "format", "scale", "range", "calibrator", "SQNR alone", "decision")

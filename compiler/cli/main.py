@@ -445,16 +445,12 @@ def _recipe_steps(recipe) -> int:
 
 
 def _render_run(result) -> str:
-    from compiler.gates import render
-
     lines = [str(result.compiled.report), "metrics on the evaluation data:"]
     lines += [f"  {key:<18} {value:.4f}" for key, value in result.metrics.items()
               if isinstance(value, float) and key not in {item.gate.key for item in result.gates}]
     if result.latency is not None:
         lines += [f"  p50 {item['runner']} at batch {item['batch']}: {item['p50_ms']:.2f} ms"
                   for item in result.latency["results"]]
-    if result.gates:
-        lines += ["gates:", render(result.gates)]
     lines.append(f"wrote {result.directory}" if result.directory else "wrote nothing")
     return "\n".join(lines)
 

@@ -7,11 +7,16 @@ their registries. This package's public surface:
 from compiler import compile
 compiled = compile(model, target="cpu-fp32", example_inputs=(x,))
 compiled(x); compiled.save("out/"); print(compiled.report)
+
+Pipelines: ``load_recipe("recipe.toml")`` and ``run_recipe(recipe, output)`` (``fxpress run``), and
+``bisect(model, target, example_inputs, eval_inputs=..., gates=[parse_gate("top1_agreement >= 0.97")])``
+(``fxpress bisect``).
 """
 
 from __future__ import annotations
 
 from compiler.api import compile, inspect, load
+from compiler.bisect import BisectReport, bisect
 from compiler.compiled import CompiledModel
 from compiler.errors import (
     AccuracyError,
@@ -29,11 +34,15 @@ from compiler.errors import (
     UsageError,
     VerificationError,
 )
+from compiler.gates import Gate, parse_gate
+from compiler.recipe import Recipe, load_recipe
+from compiler.recipe_run import run_recipe
 from compiler.report import Ledger, LedgerEntry
 from compiler.targets import TARGETS, PassSpec, Target, Tolerance
 
 __all__ = [
-    "TARGETS", "AccuracyError", "ArtifactError", "CalibrationDataError", "CaptureError",
+    "TARGETS", "AccuracyError", "BisectReport", "Gate", "Recipe", "bisect", "load_recipe", "parse_gate",
+    "run_recipe", "ArtifactError", "CalibrationDataError", "CaptureError",
     "CompiledModel", "EmulationError", "FallbackError", "FxpressError", "InputError", "Ledger", "LedgerEntry",
     "LoweringError", "PassError",
     "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",

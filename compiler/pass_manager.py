@@ -36,6 +36,8 @@ class PassManager:
         dump_dir: if set, write the IR after capture and after each pass as ``NN_<pass>.txt``.
         tolerance: what "exact" means for outputs on the probe batch.
         progress: called with each pass's name when it finishes (for progress bars).
+        after_pass: called as ``after_pass(index, name, gm, modified)`` with the IR after capture (index 0,
+            ``"capture"``) and after every pass, before the next one changes it (for bisection).
     """
 
     def __init__(
@@ -46,8 +48,10 @@ class PassManager:
         dump_dir: str | Path | None = None,
         tolerance: Tolerance = EXACT_TOLERANCE,
         progress: Callable[[str], None] | None = None,
+        after_pass: Callable[[int, str, fx.GraphModule, bool], None] | None = None,
     ):
         self.passes = list(passes)
+        self.after_pass = after_pass
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.tolerance = tolerance
@@ -65,6 +69,8 @@ class PassManager:
         ledger.initial = {**_snapshot(gm), "drift": probe.drift(outputs, reference).to_dict()}
         ctx.captured_macs = ledger.initial["macs"]
         self._dump(0, "capture", gm)
+        if self.after_pass is not None:
+            self.after_pass(0, "capture", gm, True)
         for index, pass_ in enumerate(self.passes, start=1):
             gm, outputs = self._run_one(index, pass_, gm, ctx, (reference, outputs), ledger)
         ledger.fallbacks.extend(ctx.fallbacks)
@@ -100,6 +106,8 @@ class PassManager:
         logger.info("pass %s: modified=%s %s in %.3f s", pass_.name, result.modified, result.stats, seconds)
         logger.debug("graph after %s:\n%s", pass_.name, ir.graph_text(gm))
         self._dump(index, pass_.name, gm)
+        if self.after_pass is not None:
+            self.after_pass(index, pass_.name, gm, result.modified)
         if self.progress is not None:
             self.progress(pass_.name)
         return gm, outputs

@@ -93,11 +93,12 @@ def run_pipeline(
     strict: bool = False,
     train_data: object = None,
     extra_passes: tuple = (),
+    after_pass: Callable[[int, str, fx.GraphModule, bool], None] | None = None,
 ) -> PipelineResult:
     """Capture ``model`` and run the target's passes with verification and a ledger.
 
     With ``strict``, a capture that fell back (shapes down the ladder) raises FallbackError before
-    any pass runs.
+    any pass runs. ``after_pass`` sees the IR after capture and after each pass (:class:`PassManager`).
     """
     target = get_target(target)
     build_passes(target)  # unknown passes and options fail before the model is traced
@@ -134,7 +135,7 @@ def run_pipeline(
     if train_data is not None:
         context.train_data = _validated(train_data, inputs, captured, target)
         ledger.capture["train_data"] = context.train_data.summary()
-    manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress)
+    manager = PassManager(passes, verify=verify, dump_dir=dump_dir, progress=progress, after_pass=after_pass)
     gm = manager.run(captured.graph_module, context, reference, ledger)
     lossy = any(not pass_.exact for pass_ in passes)
     return PipelineResult(gm, captured, target, ledger, inputs, reference, lossy)

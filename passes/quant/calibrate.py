@@ -4,12 +4,21 @@ The graph runs batch by batch through an interpreter; each planned tensor feeds 
 observer (histograms, never stored activations), so memory does not grow with the number of
 samples. The chosen range of each tensor goes into ``node.meta[QUANT_RANGE]``; the graph itself is
 untouched, so the pass reports ``modified=False``.
+
+Option ``ranges`` (``{module path pattern: [low, high]}``, ``fnmatch`` patterns) fixes the range of
+the output an integer layer at that path writes (after its fused activation) instead of observing
+it, for activations whose range is known, e.g. ``{"features.*.relu6": [0, 6]}``. The range must
+hold zero, as every quantisation grid does. A pattern that names no module of the model is a
+TargetError; one whose modules write no quantised output (layers kept in float) is logged and
+counted under ``ranges_unused``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import logging
+import math
 from collections import Counter
 from typing import Any
 
@@ -17,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from compiler import ir, meta, probe
-from compiler.errors import CalibrationDataError, PassError
+from compiler.errors import CalibrationDataError, PassError, TargetError
 from compiler.pass_base import Pass, PassContext, PassResult
 from passes.quant.calibration_data import CalibrationBatches
 from passes.quant.observers import OBSERVERS, Observer, make_observer
@@ -79,8 +88,12 @@ class Calibrate(Pass):
     # whose activations carry outlier channels that clipping calibrators cut (TensorRT advises MinMax for BERT).
     default_options = {
         "observer": "mse", "observer_options": {}, "overrides": {}, "batch_size": 32, "sample_limit": 1 << 18,
-        "linear_heavy_observer": None,
+        "linear_heavy_observer": None, "ranges": {},
     }
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.options["ranges"] = _validated_ranges(self.options["ranges"])
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Calibration needs validated data and a placement policy."""
@@ -95,6 +108,7 @@ class Calibrate(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Run the calibration batches and write every planned tensor's range."""
+        self._check_range_paths(gm)
         plan = plan_quantization(gm, ctx.quant_policy)
         default, choice = self._default_observer(gm, ctx)
         observers = {node: self._observer(node, ctx.quant_policy.activation_symmetric, default)
@@ -113,13 +127,44 @@ class Calibrate(Pass):
             if meta.FIXED_RANGE in node.meta:  # known, e.g. 8-bit pixels: [0, 255], which no observer may clip
                 low, high = node.meta[meta.FIXED_RANGE]
                 node.meta[meta.QUANT_RANGE].update(low=float(low), high=float(high), observer="fixed")
+        fixed = self._fix_ranges(plan, observers)
+        for node in observers:
             kinds[node.meta[meta.QUANT_RANGE]["observer"]] += 1
         shared = _share_concat_ranges(plan) if ctx.quant_policy.share_concat_scale else 0
         return PassResult(gm, modified=False, stats={
             "tensors": len(observers), "samples": samples, "observers": dict(kinds), "concat_shared": shared,
             **choice,
-            "data": ctx.calibration_data.summary(),
+            "data": ctx.calibration_data.summary(), **fixed,
         })
+
+    def _check_range_paths(self, gm: fx.GraphModule) -> None:
+        """Every ``ranges`` pattern names a module of the model (TargetError naming it otherwise)."""
+        paths = {ir.module_path(node) for node in gm.graph.nodes} - {""}
+        for pattern in self.options["ranges"]:
+            if not any(_matches(path, pattern) for path in paths):
+                raise TargetError(f"pass {self.name!r}: option ranges names {pattern!r}, which matches no module "
+                                  f"path of the model (e.g. {', '.join(sorted(paths)[:5])})")
+
+    def _fix_ranges(self, plan, observers: dict[fx.Node, Observer]) -> dict[str, Any]:
+        """Apply the ``ranges`` option to the integer layers' outputs; a record of what it fixed."""
+        ranges = self.options["ranges"]
+        if not ranges:
+            return {}
+        fixed, used = {}, set()
+        for node in observers:
+            written = _written_by(node, plan)
+            pattern = next((p for p in ranges if any(_matches(path, p) for path in written)), None)
+            if pattern is None:
+                continue
+            low, high = ranges[pattern]
+            node.meta[meta.QUANT_RANGE].update(low=low, high=high, observer="fixed")
+            fixed[node.name] = pattern
+            used.add(pattern)
+        unused = [pattern for pattern in ranges if pattern not in used]
+        if unused:
+            logger.info("calibrate: ranges pattern(s) %s match no quantised layer output (layers kept in float?)",
+                        ", ".join(map(repr, unused)))
+        return {"ranges_fixed": fixed, "ranges_unused": unused}
 
     def _default_observer(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[str, dict[str, Any]]:
         """The observer for tensors without an override, and a record of how it was chosen."""
@@ -153,6 +198,42 @@ class Calibrate(Pass):
             record = node.meta.get(meta.QUANT_RANGE)
             if record is not None and not record["high"] > record["low"]:
                 raise PassError(f"calibrated range of {node.name} is empty: {record}")
+
+
+def _validated_ranges(ranges: object) -> dict[str, tuple[float, float]]:
+    """The ``ranges`` option as ``{pattern: (low, high)}``; TargetError naming the entry at fault."""
+    if not isinstance(ranges, dict):
+        raise TargetError(f"pass 'calibrate': option ranges must be a dict {{module path: [low, high]}}, "
+                          f"got {type(ranges).__name__}")
+    checked = {}
+    for pattern, bounds in ranges.items():
+        where = f"pass 'calibrate': ranges[{pattern!r}]"
+        if not isinstance(pattern, str) or not pattern:
+            raise TargetError(f"pass 'calibrate': option ranges is keyed by module paths, got {pattern!r}")
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bounds):
+            raise TargetError(f"{where} must be two finite numbers [low, high], got {bounds!r}")
+        low, high = float(bounds[0]), float(bounds[1])
+        if not low <= 0.0 <= high or not low < high:
+            raise TargetError(f"{where} = {[low, high]} must satisfy low <= 0 <= high and low < high "
+                              "(a quantisation grid holds zero)")
+        checked[pattern] = (low, high)
+    return checked
+
+
+def _matches(path: str, pattern: str) -> bool:
+    return path == pattern or fnmatch.fnmatchcase(path, pattern)
+
+
+def _written_by(node: fx.Node, plan) -> list[str]:
+    """The module paths of the integer layer writing ``node`` (and of its fused activation); none for other tensors."""
+    point = plan.activations[node]
+    if not point.all_users:
+        return []
+    writer = node if node in plan.integer_ops else node.args[0] if node.args else None
+    if writer not in plan.integer_ops:
+        return []
+    return [path for path in {ir.module_path(writer), ir.module_path(node)} if path]
 
 
 def _share_concat_ranges(plan) -> int:

@@ -47,6 +47,7 @@ def compile(  # noqa: A001 - the product's name for it
     recover: dict | None = None,
     threads: int | str = "auto",
     input_format: dict | None = None,
+    before_lowering: Callable[[torch.fx.GraphModule], None] | None = None,
 ) -> CompiledModel:
     """Compile ``model`` for ``target``.
 
@@ -102,6 +103,8 @@ def compile(  # noqa: A001 - the product's name for it
             "NHWC"}`` (mean and std on the [0, 1] scale): the artifact takes 8-bit pixels, with the
             normalisation folded into the first convolution (:mod:`compiler.input_format`);
             ``example_inputs`` and ``calibration_data`` are then uint8 pixels too.
+        before_lowering: called with the optimised IR before it is lowered; an exception it raises
+            stops the compile (a search rejects a trial whose simulation already fails its gates).
 
     Returns:
         A CompiledModel: callable on torch tensors, with ``.report``, ``.onnx`` and ``.save()``.
@@ -120,13 +123,13 @@ def compile(  # noqa: A001 - the product's name for it
         return _compile(
             model, target, example_inputs, calibration_data, dump_dir, backend_target, backend, thread_record,
             dynamic_dims=dynamic_dims, verify=verify, model_name=model_name, strict=strict, progress=progress,
-            train_data=train_data, extra=extra,
+            train_data=train_data, extra=extra, before_lowering=before_lowering,
         )
 
 
 def _compile(model, target, example_inputs, calibration_data, dump_dir, backend_target: Target, backend: Backend,
-             thread_record: dict, *, dynamic_dims, verify, model_name, strict, progress, train_data, extra
-             ) -> CompiledModel:
+             thread_record: dict, *, dynamic_dims, verify, model_name, strict, progress, train_data, extra,
+             before_lowering=None) -> CompiledModel:
     """``compile`` after its arguments are checked, on the thread count ``thread_record`` chose."""
     result = run_pipeline(
         model, target, example_inputs, calibration_data=calibration_data, dump_dir=dump_dir,
@@ -134,6 +137,8 @@ def _compile(model, target, example_inputs, calibration_data, dump_dir, backend_
         train_data=train_data, extra_passes=extra,
     )
     result.ledger.capture["threads"] = thread_record
+    if before_lowering is not None:
+        before_lowering(result.graph_module)
     if isinstance(model, PixelInput):
         result.ledger.capture["input_format"] = model.input_format.to_dict()
     if result.target.name != backend_target.name:  # the target handed a Linear-heavy model to another

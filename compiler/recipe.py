@@ -107,6 +107,11 @@ def _threads(value: Any, where: str) -> None:
         _integer(1)(value, where)
 
 
+def _scalar(value: Any, where: str) -> None:
+    if not isinstance(value, (str, int, float, bool)):
+        _fail(where, f"expected a string, number or boolean, got {value!r}")
+
+
 def _any_table(value: Any, where: str) -> None:
     if not isinstance(value, dict):
         _fail(where, f"expected a table, got {value!r}")
@@ -149,6 +154,7 @@ SCHEMA: dict[str, Any] = {
     "data": {"calibration": _SOURCE, "train": _SOURCE, "evaluation": _SOURCE},
     "bench": {"batches": _list_of(_integer(1)), "runs": _integer(3), "warmup": _integer(0)},
     "output": {"directory": _string},
+    "search": {"space": {"*": _list_of(_scalar)}, "workers": _integer(1)},
 }
 _REQUIRED = ("model.source",)
 
@@ -225,8 +231,25 @@ def from_dict(data: dict[str, Any], *, path: Path | None = None, text: str | Non
     gates = tuple(parse_gate(text, where=f"recipe key gates[{index}]")
                   for index, text in enumerate(data.get("gates", [])))
     recipe = Recipe(data, path, text if text is not None else to_toml(data), gates)
-    _check_options(recipe)
+    if data.get("search", {}).get("space"):
+        _check_search_space(data, path)  # each trial's recipe is checked whole: the space may complete the base
+    else:
+        _check_options(recipe)
     return recipe
+
+
+def _check_search_space(data: dict[str, Any], path: Path | None) -> None:
+    """Every value of ``search.space`` makes a valid recipe (its key and value checked as if written there)."""
+    from compiler.search import UNSET, apply
+
+    for key, values in data.get("search", {}).get("space", {}).items():
+        for value in values:
+            try:
+                from_dict(apply(data, {key: value}), path=path, text="")
+            except UsageError as error:
+                if value == UNSET:
+                    continue
+                raise UsageError(f"recipe key search.space.{key!r} value {value!r}: {error}") from None
 
 
 def _lookup(data: dict, dotted: str) -> Any:

@@ -779,3 +779,69 @@ def _percentile(ordered: list[float], share: float) -> float:
     below = math.floor(position)
     above = min(below + 1, len(ordered) - 1)
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+def render_search_html(summary: dict[str, Any]) -> str:
+    """A search's page: latency against quality of the timed trials (the chosen one marked), and every trial."""
+    trials = summary.get("trials", [])
+    metric = next((gate["metric"] for trial in trials for gate in trial.get("gates", [])), None)
+    chosen = (summary.get("chosen") or {}).get("key")
+    note = (f"{len(trials)} trials of a {summary.get('grid_size')}-point grid, {summary.get('reused', 0)} reused from "
+            f"the cache, {len(summary.get('skipped', []))} skipped by dominance; {summary.get('executor', '')}, "
+            f"{summary.get('seconds', 0)} s.")
+    sections = [_section("front", "Latency against quality", _note(note), _front_chart(trials, metric, chosen)),
+                _section("trials", "Trials", _trial_table(trials, chosen))]
+    return _page("fxpress search", sections)
+
+
+def _front_chart(trials: list[dict[str, Any]], metric: str | None, chosen: str | None) -> str:
+    timed = [trial for trial in trials if trial.get("latency_ms") is not None and metric in trial.get("metrics", {})]
+    if not timed or metric is None:
+        return _note("no trial passed every gate, so none was timed")
+    width, height, margin = 720.0, 300.0, 56.0
+    xs = [trial["latency_ms"] for trial in timed]
+    ys = [trial["metrics"][metric] for trial in timed]
+    x_low, x_high = min(xs) * 0.95, max(xs) * 1.05
+    y_low, y_high = min(ys) - 0.005, max(ys) + 0.005
+
+    def place(x: float, y: float) -> tuple[float, float]:
+        return (margin + (x - x_low) / (x_high - x_low or 1) * (width - 2 * margin),
+                height - margin - (y - y_low) / (y_high - y_low or 1) * (height - 2 * margin))
+
+    parts = [f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" '
+             'stroke="#5b6475"/>', f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" '
+             'stroke="#5b6475"/>',
+             f'<text x="{width / 2}" y="{height - 16}" text-anchor="middle">median latency (ms)</text>',
+             f'<text x="14" y="{margin - 14}">{_text(metric)}</text>']
+    for x, y in ((x_low, y_low), (x_high, y_high)):
+        px, py = place(x, y)
+        parts += [f'<text x="{px:.1f}" y="{height - margin + 16}" text-anchor="middle">{x:.3g}</text>',
+                  f'<text x="{margin - 6}" y="{py + 4:.1f}" text-anchor="end">{y:.4g}</text>']
+    for trial in sorted(timed, key=lambda item: item["key"] == chosen):
+        px, py = place(trial["latency_ms"], trial["metrics"][metric])
+        mark = trial["key"] == chosen
+        label = ", ".join(f"{key}={value}" for key, value in trial["patch"].items())
+        parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{7 if mark else 5}" fill="'
+                     f'{"#c2372f" if mark else "#2f6fde"}"><title>{_text(label)}</title></circle>')
+        if mark:
+            parts.append(f'<text x="{px + 10:.1f}" y="{py - 8:.1f}">chosen: {_text(label)}</text>')
+    return (f'<svg viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" role="img" '
+            f'aria-label="latency against {_text(metric)}">' + "".join(parts) + "</svg>")
+
+
+def _trial_table(trials: list[dict[str, Any]], chosen: str | None) -> str:
+    columns = [_Column("trial"), _Column("recipe patch"), _Column("stage"), _Column("verdict"),
+               _Column("gates"), _Column("p50 ms", numeric=True)]
+    rows = []
+    for index, trial in enumerate(trials, 1):
+        gates = "; ".join(f"{gate['gate']}: {_gate_value(gate.get('value'))}" for gate in trial.get("gates", []))
+        latency = trial.get("latency_ms")
+        patch = ", ".join(f"{key} = {value}" for key, value in trial["patch"].items())
+        rows.append([_td(f"{index}{' (chosen)' if trial.get('key') == chosen else ''}"), _td(patch),
+                     _td(trial["stage"] + (" (cached)" if trial.get("cached") else "")),
+                     _verdict(trial["passed"]), _td(gates), _td("" if latency is None else f"{latency:.3f}",
+                                                                    -1.0 if latency is None else float(latency))])
+    return _table(columns, rows, sortable=True)

@@ -379,6 +379,10 @@ def run_command(recipe, output, gates, keep_failed, force, as_json) -> None:
     from compiler.recipe_run import run_recipe
 
     chosen = load_recipe(recipe).with_gates(list(gates))
+    if chosen.get("search.space"):
+        from compiler.errors import UsageError
+
+        raise UsageError(f"{recipe} has a [search.space] table: run it with fxpress search, or remove the table")
     directory = _recipe_output(chosen, output)
     with _progress(_recipe_steps(chosen), f"running {recipe}") as step:
         result = run_recipe(chosen, directory, force=force, keep_failed=keep_failed, progress=step)
@@ -426,6 +430,46 @@ def bisect_command(recipe, gates, no_verify, write_patched, as_json) -> None:
 
         Path(write_patched).write_text(to_toml(chosen.patched(report.patch).data))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.render())
+
+
+@main.command("search")
+@click.argument("recipe")
+@click.option("--output", "-o", default=None, help="Search directory: trials, latency cache, best/ (default: "
+              "the recipe's output.directory).")
+@click.option("--ray/--no-ray", "use_ray", default=None,
+              help="Run trials as Ray tasks (default: when Ray is installed) or all in this process.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster instead of starting one on this machine.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Trials at a time (default: search.workers, 2).")
+@_JSON
+def search_command(recipe, output, use_ray, ray_address, workers, as_json) -> None:
+    """Search RECIPE's [search.space] for the fastest artifact that passes its gates.
+
+    Trials are cached by content hash under DIR/trials: a search run again (after an interrupt)
+    reruns only unfinished trials. The chosen artifact is copied to DIR/best.
+
+    \b
+    Examples:
+      fxpress search examples/efficientnet-lite0-search.toml -o effnet-search/
+      fxpress search recipe.toml -o out/ --no-ray --json
+    """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
+    from compiler.recipe import load_recipe
+    from compiler.search import search
+
+    chosen = load_recipe(recipe)
+    directory = _recipe_output(chosen, output)
+    from tqdm import tqdm
+
+    with tqdm(desc="search: grid points decided", disable=None, file=sys.stderr, leave=False) as bar:
+        def on_round(decided: int, grid: int, best: str) -> None:
+            bar.total = grid
+            bar.update(decided - bar.n)
+            bar.set_postfix_str(f"best so far: {best}")
+
+        report = search(chosen, directory, address=ray_address, use_ray=use_ray,
+                        workers=workers or chosen.get("search.workers", 2), on_round=on_round)
+    click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
+    if report.chosen is None:
+        raise AccuracyError(f"no trial of the search passes every gate; see {directory / 'search.json'}")
 
 
 def _recipe_output(recipe, output: str | None):

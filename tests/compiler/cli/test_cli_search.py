@@ -1,0 +1,67 @@
+"""``fxpress search RECIPE``: the fastest passing trial, its artifact under best/, a resumable trial cache."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from compiler.cli import main
+
+RECIPE = """\
+gates = ["top1_agreement >= 0.985"]
+
+[model]
+source = "digits-cnn"
+
+[compile]
+threads = 1
+
+[prune]
+round_to = 1
+
+[recover]
+seconds = 0
+
+[data.calibration]
+zoo = true
+samples = 128
+
+[data.evaluation]
+zoo = true
+samples = 200
+
+[bench]
+runs = 10
+
+[search.space]
+"prune.macs" = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+"""
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_search_writes_the_chosen_artifact_and_a_second_run_reuses_every_trial(tmp_path):
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    out = tmp_path / "out"
+    first = run("search", str(tmp_path / "recipe.toml"), "-o", str(out), "--no-ray", "--json")
+    assert first.exit_code == 0, first.output + first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["grid_size"] == 8 and summary["trials_run"] < 8 and summary["chosen"]["passed"]
+    assert (out / "best" / "model.onnx").is_file() and (out / "search.html").is_file()
+    again = json.loads(run("search", str(tmp_path / "recipe.toml"), "-o", str(out), "--no-ray", "--json").stdout)
+    assert again["reused"] == summary["trials_run"] and again["chosen"]["patch"] == summary["chosen"]["patch"]
+
+
+def test_a_search_recipe_is_refused_by_run(tmp_path):
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    result = run("run", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "run it with fxpress search" in result.stderr
+
+
+def test_a_search_no_trial_passes_exits_6(tmp_path):
+    (tmp_path / "recipe.toml").write_text(RECIPE.replace("top1_agreement >= 0.985", "sqnr_db >= 500"))
+    result = run("search", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "out"), "--no-ray")
+    assert result.exit_code == 6 and "no trial of the search passes every gate" in result.stderr

@@ -65,3 +65,46 @@ def test_a_search_no_trial_passes_exits_6(tmp_path):
     (tmp_path / "recipe.toml").write_text(RECIPE.replace("top1_agreement >= 0.985", "sqnr_db >= 500"))
     result = run("search", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "out"), "--no-ray")
     assert result.exit_code == 6 and "no trial of the search passes every gate" in result.stderr
+
+
+def _verdicts(summary: dict) -> dict:
+    """Each trial's verdict by its patch: what a resumed search must reproduce (timings of near-equal trials may not)."""
+    return {json.dumps(trial["patch"]): (trial["stage"], trial["passed"]) for trial in summary["trials"]}
+
+
+def _search_process(recipe, out):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "compiler.cli", "search", str(recipe), "-o", str(out), "--no-ray",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_a_finished_trial(out, process) -> None:
+    import time
+
+    deadline = time.monotonic() + 300
+    while not list(out.glob("trials/*/result.json")):
+        assert process.poll() is None and time.monotonic() < deadline, "the search ended before any trial finished"
+        time.sleep(0.2)
+
+
+def test_a_search_killed_after_a_trial_resumes_from_its_cache_and_chooses_the_same(tmp_path):
+    import signal
+
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    reference = json.loads(run("search", str(tmp_path / "recipe.toml"), "-o", str(tmp_path / "whole"), "--no-ray",
+                               "--json").stdout)
+    out = tmp_path / "out"
+    for kill in (signal.SIGINT, signal.SIGKILL):
+        process = _search_process(tmp_path / "recipe.toml", out)
+        _wait_for_a_finished_trial(out, process)
+        process.send_signal(kill)
+        process.communicate(timeout=120)
+        assert process.returncode in (130, -signal.SIGKILL, 0)  # 0: it finished before the signal landed
+        finished = len(list(out.glob("trials/*/result.json")))
+        resumed = json.loads(run("search", str(tmp_path / "recipe.toml"), "-o", str(out), "--no-ray", "--json").stdout)
+        assert resumed["reused"] == finished and _verdicts(resumed) == _verdicts(reference)
+        for result in out.glob("trials/*/result.json"):
+            result.unlink()  # the second round starts afresh
+        (out / "latency.json").unlink(missing_ok=True)

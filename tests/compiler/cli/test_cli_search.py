@@ -68,7 +68,7 @@ def test_a_search_no_trial_passes_exits_6(tmp_path):
 
 
 def _verdicts(summary: dict) -> dict:
-    """Each trial's verdict by its patch: what a resumed search must reproduce (timings of near-equal trials may not)."""
+    """Each trial's verdict by its patch: what a resumed search reproduces (near-equal timings may swap)."""
     return {json.dumps(trial["patch"]): (trial["stage"], trial["passed"]) for trial in summary["trials"]}
 
 

@@ -1,6 +1,7 @@
 """Layers point one way: the core imports neither ``passes`` nor ``backends`` nor the driver.
 
-The driver (``compiler.api``, ``compiler.pipeline``, the command under ``compiler.cli``) reaches
+The driver (``compiler.api``, ``compiler.pipeline``, the command under ``compiler.cli``, and what
+drives whole compiles: recipes, bisection, search) reaches
 ``passes`` and ``backends`` through their registries; passes and backends import the core and
 never each other; ``models`` imports nothing of ours. An AST walk over every module checks every
 ``import`` statement, including those inside functions.
@@ -15,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("compiler", "passes", "backends", "models")
-DRIVER = ("compiler.api", "compiler.pipeline", "compiler.cli")
+DRIVER = ("compiler.api", "compiler.pipeline", "compiler.cli", "compiler.recipe", "compiler.recipe_run",
+          "compiler.bisect", "compiler.search")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -419,7 +419,10 @@ def _publish(chosen: dict, output: Path) -> None:
 
 
 class _LocalExecutor:
-    name, width = "one process", 1
+    """Each round's trials one after another: the same rounds as Ray's with as many workers, so the same search."""
+
+    def __init__(self, workers: int):
+        self.width, self.name = workers, f"one process (rounds of {workers})"
 
     def map(self, calls: list[tuple]) -> list[dict]:
         return [_finish(call, run_trial(*call)) for call in calls]
@@ -449,11 +452,11 @@ def _finish(call: tuple, record: dict) -> dict:
 
 def _executor(use_ray: bool | None, address: str | None, workers: int):
     if use_ray is False:
-        return _LocalExecutor()
+        return _LocalExecutor(workers)
     try:
         import ray  # noqa: F401
     except ImportError:
         if use_ray or address:
             raise UsageError("Ray is not installed: pip install 'fxpress[search]', or run without --ray") from None
-        return _LocalExecutor()
+        return _LocalExecutor(workers)
     return _RayExecutor(address, workers)

@@ -465,8 +465,13 @@ def search_command(recipe, output, use_ray, ray_address, workers, as_json) -> No
             bar.update(decided - bar.n)
             bar.set_postfix_str(f"best so far: {best}")
 
-        report = search(chosen, directory, address=ray_address, use_ray=use_ray,
-                        workers=workers or chosen.get("search.workers", 2), on_round=on_round)
+        try:
+            report = search(chosen, directory, address=ray_address, use_ray=use_ray,
+                            workers=workers or chosen.get("search.workers", 2), on_round=on_round)
+        except KeyboardInterrupt:
+            click.echo(f"fxpress: interrupted; finished trials are kept in {directory / 'trials'}: run the same "
+                       "command to resume", err=True)
+            raise click.exceptions.Exit(130) from None
     click.echo(json.dumps(report.to_dict(), indent=2, default=str) if as_json else report.render())
     if report.chosen is None:
         raise AccuracyError(f"no trial of the search passes every gate; see {directory / 'search.json'}")

@@ -100,8 +100,10 @@ def test_a_search_killed_after_a_trial_resumes_from_its_cache_and_chooses_the_sa
         process = _search_process(tmp_path / "recipe.toml", out)
         _wait_for_a_finished_trial(out, process)
         process.send_signal(kill)
-        process.communicate(timeout=120)
+        _, stderr = process.communicate(timeout=120)
         assert process.returncode in (130, -signal.SIGKILL, 0)  # 0: it finished before the signal landed
+        if process.returncode == 130:
+            assert "finished trials are kept in" in stderr and "run the same command to resume" in stderr
         finished = len(list(out.glob("trials/*/result.json")))
         resumed = json.loads(run("search", str(tmp_path / "recipe.toml"), "-o", str(out), "--no-ray", "--json").stdout)
         assert resumed["reused"] == finished and _verdicts(resumed) == _verdicts(reference)

@@ -35,6 +35,7 @@ from typing import Any
 
 from compiler.errors import FxpressError, UsageError
 from compiler.gates import Gate, parse_gate
+from compiler.input_format import LAYOUTS
 from compiler.pruning_options import (
     _BUDGETS,
     _LOW_RANK_BUDGETS,
@@ -48,7 +49,6 @@ from compiler.pruning_options import (
 Check = Callable[[Any, str], None]
 #: Keys that each name one data source; a data table holds exactly one of them.
 SOURCE_KINDS = ("zoo", "images", "npy", "npz", "text", "factory")
-_INPUT_LAYOUTS = ("NCHW", "NHWC")
 
 
 def _fail(where: str, message: str) -> None:
@@ -137,7 +137,7 @@ _SOURCE = {
 }
 _INPUT_FORMAT = {
     "dtype": _choice(("uint8",)), "mean": _list_of(_number(0, 1), length=3),
-    "std": _list_of(_number(1e-6), length=3), "layout": _choice(_INPUT_LAYOUTS),
+    "std": _list_of(_number(1e-6), length=3), "layout": _choice(LAYOUTS),
 }
 #: Every key a recipe may hold: a check, or a nested table of them. ``"*"`` matches any key.
 SCHEMA: dict[str, Any] = {

@@ -153,12 +153,12 @@ def _batched(tensors: tuple[torch.Tensor, ...], size: int) -> list[tuple[torch.T
     return [tuple(tensor[start:start + size] for tensor in tensors) for start in range(0, tensors[0].shape[0], size)]
 
 
-def compile_prepared(prepared: Prepared, progress: Callable[[str], None] | None = None):
-    """Compile the prepared recipe."""
+def compile_prepared(prepared: Prepared, progress: Callable[[str], None] | None = None, before_lowering=None):
+    """Compile the prepared recipe (``before_lowering`` as in ``compile``)."""
     from compiler import api
 
     return api.compile(prepared.source.model, prepared.target, prepared.source.example_inputs,
-                       progress=progress, **prepared.compile_options)
+                       progress=progress, before_lowering=before_lowering, **prepared.compile_options)
 
 
 def measure(prepared: Prepared, run: Callable[..., object], *, classifier: bool | None = None) -> dict:
@@ -219,7 +219,7 @@ def benchmark(prepared: Prepared, compiled, recipe: Recipe) -> dict | None:
 
     settings = {**DEFAULT_BENCH, **(recipe.get("bench") or {})}
     baselines = sorted({gate.baseline for gate in recipe.gates if gate.metric == "latency_ratio"})
-    inputs_of = _bench_inputs(prepared)
+    inputs_of = bench_inputs(prepared)
     results, comparisons, samples = [], [], {}
     fp32 = _fp32_session(prepared) if "fp32" in baselines else None
     for batch in settings["batches"]:
@@ -233,7 +233,8 @@ def benchmark(prepared: Prepared, compiled, recipe: Recipe) -> dict | None:
             "results": results, "comparisons": comparisons, "peak_rss_mb": peak_rss_mb(), "samples_ms": samples}
 
 
-def _bench_inputs(prepared: Prepared) -> Callable[[int], tuple[torch.Tensor, ...]]:
+def bench_inputs(prepared: Prepared) -> Callable[[int], tuple[torch.Tensor, ...]]:
+    """``batch -> inputs``: the evaluation samples (else the example) repeated to fill the batch."""
     pool = prepared.eval_inputs or prepared.source.example_inputs
 
     def inputs(batch: int) -> tuple[torch.Tensor, ...]:
@@ -247,20 +248,21 @@ def _runners(prepared: Prepared, compiled, inputs, baselines: list[str], fp32) -
     from compiler.cli.benchmark import plain_export
 
     compiled.check_inputs(inputs)
-    runners = {"fxpress": _session_runner(make_session(compiled.onnx, "all"), inputs)}
+    runners = {"fxpress": session_runner(make_session(compiled.onnx, "all"), inputs)}
     if "eager" in baselines:
         def eager() -> object:
             with torch.no_grad():
                 return prepared.eager(*inputs)
         runners["eager"] = eager
     if "export" in baselines:
-        runners["export"] = _session_runner(make_session(plain_export(prepared.eager, inputs), "all"), inputs)
+        runners["export"] = session_runner(make_session(plain_export(prepared.eager, inputs), "all"), inputs)
     if fp32 is not None:
-        runners["fp32"] = _session_runner(fp32, inputs)
+        runners["fp32"] = session_runner(fp32, inputs)
     return runners
 
 
-def _session_runner(session, inputs) -> Callable[[], object]:
+def session_runner(session, inputs) -> Callable[[], object]:
+    """A call of ``session`` on ``inputs``, fed once (what the timing loop repeats)."""
     feed = {spec.name: tensor.numpy() for spec, tensor in zip(session.get_inputs(), inputs, strict=True)}
     return lambda: session.run(None, feed)
 

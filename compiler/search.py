@@ -164,10 +164,9 @@ class _Rejected(Exception):
 
 
 def _trial(data: dict, base: Path, folder: Path, threads: int | str) -> dict:
-    from compiler import api
     from compiler.gates import evaluate
     from compiler.recipe import from_dict
-    from compiler.recipe_run import measure, prepare
+    from compiler.recipe_run import compile_prepared, measure, prepare
 
     recipe = from_dict(data, path=base / "search-trial.toml")
     prepared = prepare(recipe)
@@ -182,8 +181,7 @@ def _trial(data: dict, base: Path, folder: Path, threads: int | str) -> dict:
             raise _Rejected(metrics, results)
 
     try:
-        compiled = api.compile(prepared.source.model, prepared.target, prepared.source.example_inputs,
-                               before_lowering=check_simulation, **prepared.compile_options)
+        compiled = compile_prepared(prepared, before_lowering=check_simulation)
     except _Rejected as rejected:
         return {"stage": "rejected in simulation", "metrics": rejected.metrics, "passed": False,
                 "gates": [result.to_dict() for result in rejected.results]}
@@ -383,30 +381,17 @@ def _time_side_by_side(candidates: list[dict], output: Path, recipe) -> None:
 def _measure_latency(candidates: list[dict], recipe) -> dict[str, float]:
     from backends.onnxruntime import make_session
     from compiler import api
-    from compiler.recipe_run import DEFAULT_BENCH
+    from compiler.recipe import from_dict
+    from compiler.recipe_run import DEFAULT_BENCH, bench_inputs, prepare, session_runner
     from compiler.timing import time_side_by_side
 
     settings = {**DEFAULT_BENCH, **(recipe.get("bench") or {})}
     batch = settings["batches"][0]
-    from compiler.recipe import from_dict
-
-    inputs = _bench_inputs(from_dict(apply(recipe.data, candidates[0]["patch"]), path=recipe.path), batch)
-    runners = {}
-    for trial in candidates:
-        session = make_session(api.load(trial["artifact"]).onnx, "all")
-        feed = {spec.name: tensor.numpy() for spec, tensor in zip(session.get_inputs(), inputs, strict=True)}
-        runners[trial["key"]] = (lambda session=session, feed=feed: session.run(None, feed))
+    inputs = bench_inputs(prepare(from_dict(apply(recipe.data, candidates[0]["patch"]), path=recipe.path)))(batch)
+    runners = {trial["key"]: session_runner(make_session(api.load(trial["artifact"]).onnx, "all"), inputs)
+               for trial in candidates}
     stats = time_side_by_side(runners, batch, warmup=settings["warmup"], runs=settings["runs"])
     return {item.runner: item.p50_ms for item in stats}
-
-
-def _bench_inputs(recipe, batch: int):
-    from compiler.recipe_run import prepare
-
-    prepared = prepare(recipe)
-    pool = prepared.eval_inputs or prepared.source.example_inputs
-    repeats = -(-batch // pool[0].shape[0])
-    return tuple(tensor.repeat(repeats, *[1] * (tensor.dim() - 1))[:batch].contiguous() for tensor in pool)
 
 
 def _publish(chosen: dict, output: Path) -> None:

@@ -8,9 +8,9 @@ gates in its recipe or on the command line; a failed gate fails the run (exit 6)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 
@@ -26,13 +26,15 @@ METRICS = {
     "accuracy_drop": {"higher": False, "doc": "original's accuracy minus the compiled model's, in points (labels)"},
     "latency_ratio": {"higher": False, "doc": "compiled median latency over the baseline's, side by side"},
 }
+#: The metrics measured on outputs (every metric but the latency ratio).
+QUALITY_METRICS = tuple(name for name in METRICS if name != "latency_ratio")
 #: What ``latency_ratio`` may be measured against.
 BASELINES = ("eager", "export", "fp32")
 _COMPARISONS = (">=", "<=")
 _PATTERN = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<|==|=)?\s*(\S+)?\s*(?:vs\s+(\S+))?\s*$")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Gate:
     """``metric comparison threshold`` (``latency_ratio`` also names its baseline)."""
 
@@ -54,6 +56,11 @@ class Gate:
             return False
         return value >= self.threshold if self.comparison == ">=" else value <= self.threshold
 
+    def loosened(self, margin: float) -> Gate:
+        """The same gate with its threshold moved ``margin`` towards passing."""
+        step = -margin if self.comparison == ">=" else margin
+        return dataclasses.replace(self, threshold=self.threshold + step)
+
     def __str__(self) -> str:
         suffix = f" vs {self.baseline}" if self.baseline else ""
         return f"{self.metric} {self.comparison} {self.threshold:g}{suffix}"
@@ -64,7 +71,7 @@ class Gate:
                 "baseline": self.baseline}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GateResult:
     """A gate with the value measured for it."""
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import FxpressError, UsageError
-from compiler.gates import Gate, parse_gate
+from compiler.gates import QUALITY_METRICS, Gate, parse_gate
 from compiler.input_format import LAYOUTS
 from compiler.pruning_options import (
     _BUDGETS,
@@ -154,7 +154,8 @@ SCHEMA: dict[str, Any] = {
     "data": {"calibration": _SOURCE, "train": _SOURCE, "evaluation": _SOURCE},
     "bench": {"batches": _list_of(_integer(1)), "runs": _integer(3), "warmup": _integer(0)},
     "output": {"directory": _string},
-    "search": {"space": {"*": _list_of(_scalar)}, "workers": _integer(1)},
+    "search": {"space": {"*": _list_of(_scalar)}, "workers": _integer(1),
+               "simulation_margin": {name: _number(0) for name in QUALITY_METRICS}},
 }
 _REQUIRED = ("model.source",)
 

@@ -449,7 +449,7 @@ def search_command(recipe, output, use_ray, ray_address, workers, as_json) -> No
 
     \b
     Examples:
-      fxpress search examples/efficientnet-lite0-search.toml -o effnet-search/
+      fxpress search examples/search/efficientnet-lite0.toml -o effnet-search/
       fxpress search recipe.toml -o out/ --no-ray --json
     """  # noqa: D301 - click needs a real \b (backspace) to keep the examples unwrapped
     from compiler.recipe import load_recipe

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from compiler.errors import UsageError
+from compiler.gates import parse_gate
 from compiler.recipe import from_dict
 from compiler.search import Space, _next_round, _propagate, apply, search
 
@@ -100,3 +101,24 @@ def test_a_small_search_runs_on_ray_in_local_mode(tmp_path):
     assert report.executor.startswith("Ray") and len(report.trials) == 4
     assert report.chosen is not None and all(trial["passed"] for trial in report.trials)
     assert (tmp_path / "out" / "search.html").is_file() and report.front
+
+
+@pytest.mark.parametrize(("margin", "stage"), [(0.0, "rejected in simulation"), (1.0, "lowered")])
+def test_a_trial_whose_simulation_misses_by_more_than_the_margin_stops_before_lowering(tmp_path, margin, stage):
+    recipe = from_dict({**DIGITS, "gates": ["top1_agreement >= 0.999"], "prune": {"round_to": 1},
+                        "search": {"space": {"prune.macs": [0.9]},
+                                   "simulation_margin": {"top1_agreement": margin}}}, path=tmp_path / "r.toml")
+    report = search(recipe, tmp_path / "out", use_ray=False)
+    (trial,) = report.trials
+    assert trial["stage"] == stage and not trial["passed"] and trial["metrics"]["top1_agreement"] < 0.999
+    assert ("artifact" in trial) == (stage == "lowered")
+    if stage == "lowered":  # the simulation's metrics are kept beside the runtime's
+        assert trial["simulation_metrics"]["top1_agreement"] < 0.999
+
+
+def test_a_loosened_gate_moves_towards_passing():
+    assert parse_gate("top1_agreement >= 0.97").loosened(0.01).threshold == pytest.approx(0.96)
+    assert parse_gate("accuracy_drop <= 1").loosened(0.5).threshold == pytest.approx(1.5)
+    with pytest.raises(UsageError, match="search.simulation_margin.top1_agrement: unknown key"):
+        from_dict({**DIGITS, "search": {"space": {"prune.macs": [0.1]},
+                                        "simulation_margin": {"top1_agrement": 0.01}}})

@@ -283,7 +283,7 @@ def search(recipe, output: str | Path, *, address: str | None = None, use_ray: b
     skipped = {point: reason for point, reason in status.items() if reason not in ("pass", "fail")}
     timed = [trial for trial in trials if trial.get("artifact")]
     _time_side_by_side(timed, output, recipe)
-    chosen = min((trial for trial in timed if trial["passed"]), key=lambda trial: trial["latency_ms"], default=None)
+    chosen = _choose(space, [trial for trial in timed if trial["passed"]])
     if chosen is not None:
         _publish(chosen, output)
     front = [{"patch": trial["patch"], "latency_ms": trial["latency_ms"], "metrics": trial["metrics"],
@@ -297,13 +297,30 @@ def search(recipe, output: str | Path, *, address: str | None = None, use_ray: b
     return report
 
 
+def _choose(space: Space, passing: list[dict]) -> dict | None:
+    """The fastest passing trial; among those timing cannot tell from it, the most aggressive.
+
+    A trial is tied with the fastest when in some block of the side-by-side timing it was at least
+    as fast (its smallest block ratio to the fastest is <= 1): then which of them is faster is noise,
+    and the dominance order decides, so two searches with the same verdicts choose alike.
+    """
+    if not passing:
+        return None
+    fastest = min(passing, key=lambda trial: trial["latency_ms"])
+    tied = [trial for trial in passing if trial is fastest or trial["block_ratio_min"].get(fastest["key"], 2.0) <= 1.0]
+    return max(tied, key=lambda trial: (_aggressiveness(space, trial["point"]), -trial["latency_ms"]))
+
+
+def _aggressiveness(space: Space, point) -> int:
+    return sum(index for axis, index in enumerate(point) if space.ordered(axis))
+
+
 def _best(space: Space, trials: list[dict]) -> str:
     """The most aggressive passing trial so far (what the search would answer if it stopped now)."""
     passing = [trial for trial in trials if trial["passed"]]
     if not passing:
         return "none yet"
-    ranked = max(passing, key=lambda trial: sum(index for axis, index in enumerate(trial["point"])
-                                                 if space.ordered(axis)))
+    ranked = max(passing, key=lambda trial: _aggressiveness(space, trial["point"]))
     return _patch_text(ranked["patch"])
 
 
@@ -378,22 +395,21 @@ def _time_side_by_side(candidates: list[dict], output: Path, recipe) -> None:
     cache = output / "latency.json"
     keys = sorted(trial["key"] for trial in candidates) if all("key" in t for t in candidates) else None
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if keys is not None and stored.get("keys") == keys:
-        for trial in candidates:
-            trial["latency_ms"] = stored["latency_ms"][trial["key"]]
-        return
-    medians = _measure_latency(candidates, recipe)
+    if keys is None or stored.get("keys") != keys or "block_ratio_min" not in stored:
+        stored = {"keys": keys, **_measure_latency(candidates, recipe)}
+        cache.write_text(json.dumps(stored, indent=1))
     for trial in candidates:
-        trial["latency_ms"] = medians[trial["key"]]
-    cache.write_text(json.dumps({"keys": keys, "latency_ms": medians}, indent=1))
+        trial["latency_ms"] = stored["latency_ms"][trial["key"]]
+        trial["block_ratio_min"] = stored["block_ratio_min"][trial["key"]]
 
 
-def _measure_latency(candidates: list[dict], recipe) -> dict[str, float]:
+def _measure_latency(candidates: list[dict], recipe) -> dict[str, dict]:
+    """Medians by trial key, and each trial's smallest block ratio to every other trial."""
     from backends.onnxruntime import make_session
     from compiler import api
     from compiler.recipe import from_dict
     from compiler.recipe_run import DEFAULT_BENCH, bench_inputs, prepare, session_runner
-    from compiler.timing import time_side_by_side
+    from compiler.timing import block_ratios, time_side_by_side
 
     settings = {**DEFAULT_BENCH, **(recipe.get("bench") or {})}
     batch = settings["batches"][0]
@@ -401,7 +417,11 @@ def _measure_latency(candidates: list[dict], recipe) -> dict[str, float]:
     runners = {trial["key"]: session_runner(make_session(api.load(trial["artifact"]).onnx, "all"), inputs)
                for trial in candidates}
     stats = time_side_by_side(runners, batch, warmup=settings["warmup"], runs=settings["runs"])
-    return {item.runner: item.p50_ms for item in stats}
+    lowest = {item.runner: {other: min(ratios) for other, ratios in block_ratios(stats, item.runner).items()}
+              for item in stats}
+    return {"latency_ms": {item.runner: item.p50_ms for item in stats},
+            "block_ratio_min": {key: {other: lowest[other][key] for other in lowest if other != key}
+                                for key in lowest}}
 
 
 def _publish(chosen: dict, output: Path) -> None:

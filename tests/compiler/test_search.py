@@ -9,7 +9,7 @@ import pytest
 from compiler.errors import UsageError
 from compiler.gates import parse_gate
 from compiler.recipe import from_dict
-from compiler.search import Space, _next_round, _propagate, apply, search
+from compiler.search import Space, _choose, _next_round, _propagate, apply, search
 
 DIGITS = {
     "gates": ["top1_agreement >= 0.97"],
@@ -122,3 +122,16 @@ def test_a_loosened_gate_moves_towards_passing():
     with pytest.raises(UsageError, match="search.simulation_margin.top1_agrement: unknown key"):
         from_dict({**DIGITS, "search": {"space": {"prune.macs": [0.1]},
                                         "simulation_margin": {"top1_agrement": 0.01}}})
+
+
+def test_the_choice_is_the_fastest_unless_timing_cannot_tell_then_the_most_aggressive():
+    space = Space.from_recipe(from_dict({**DIGITS, "search": {"space": {"prune.macs": [0.1, 0.2, 0.3]}}}))
+
+    def trial(index, p50, lowest):
+        return {"point": [index], "key": str(index), "latency_ms": p50, "block_ratio_min": lowest}
+
+    tied = [trial(0, 1.00, {"1": 0.99, "2": 0.97}), trial(1, 1.01, {"0": 0.98, "2": 0.99}),
+            trial(2, 1.02, {"0": 1.00, "1": 0.99})]
+    assert _choose(space, tied)["key"] == "2"  # never measurably slower than the fastest: the most aggressive wins
+    apart = [trial(0, 1.00, {"2": 0.80}), trial(2, 1.30, {"0": 1.20})]
+    assert _choose(space, apart)["key"] == "0" and _choose(space, []) is None

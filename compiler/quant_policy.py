@@ -75,6 +75,10 @@ class QuantPolicy:
         fused_activations: activations folded into the following quantiser.
         float_ops: op names kept in float (overrides ``weighted_ops`` and ``integer_ops``).
         float_modules: module paths (``fnmatch`` patterns such as ``"encoder.layer.5.*"``) kept in float.
+        float_prefix: the first this many weighted ops (convs, linears) in graph order kept in float:
+            next to a float input they need no layout change but the one quantiser after them, so
+            they are the cheapest layers to spare (a model's first layers are often its most
+            sensitive too).
         activation_dtype: ``"uint8"`` or ``"int8"``.
         activation_symmetric: symmetric activation grids, ``max|x| / 127 * [-127, 127]`` around the
             middle zero point (0 for int8), as TensorRT wants; otherwise an affine grid over the
@@ -104,6 +108,7 @@ class QuantPolicy:
     fused_activations: frozenset[str] = FUSED_ACTIVATIONS
     float_ops: frozenset[str] = FLOAT_BY_DEFAULT
     float_modules: tuple[str, ...] = ()
+    float_prefix: int = 0
     activation_dtype: str = "uint8"
     activation_symmetric: bool = False
     weight_bits: int = 8
@@ -123,9 +128,10 @@ class QuantPolicy:
                     "residual_skip_only", "quantize_bias", "share_concat_scale"):
             if not isinstance(getattr(self, key), bool):
                 raise TargetError(f"policy {self.name!r}: {key} must be true or false, got {getattr(self, key)!r}")
-        if not isinstance(self.min_gemm_channels, int) or self.min_gemm_channels < 0:
-            raise TargetError(f"policy {self.name!r}: min_gemm_channels must be an integer >= 0, "
-                              f"got {self.min_gemm_channels!r}")
+        for key in ("min_gemm_channels", "float_prefix"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TargetError(f"policy {self.name!r}: {key} must be an integer >= 0, got {value!r}")
         for key in ("weight_bits", "depthwise_weight_bits"):
             if getattr(self, key) not in (7, 8):
                 raise TargetError(f"policy {self.name!r}: {key} must be 7 or 8, got {getattr(self, key)!r}")
@@ -160,6 +166,8 @@ class QuantPolicy:
                         if fnmatch.fnmatchcase(path, pattern) or path == pattern), None)
         if matched is not None:
             return f"module path matches float_modules pattern {matched!r}"
+        if self.float_prefix and name in self.weighted_ops and weighted_position(node, self) < self.float_prefix:
+            return f"among the first {self.float_prefix} weighted ops in graph order (float_prefix)"
         if self.min_gemm_channels and name in WEIGHTED:
             return small_channels(node, self.min_gemm_channels)
         return None
@@ -217,6 +225,7 @@ class QuantPolicy:
         return {
             "name": self.name, "weighted_ops": sorted(self.weighted_ops), "integer_ops": sorted(self.integer_ops),
             "float_ops": sorted(self.float_ops), "float_modules": list(self.float_modules),
+            "float_prefix": self.float_prefix,
             "activation_dtype": self.activation_dtype, "activation_symmetric": self.activation_symmetric,
             "weight_bits": self.weight_bits,
             "depthwise_weight_bits": self.depthwise_weight_bits,
@@ -229,6 +238,17 @@ class QuantPolicy:
 
 _CONVS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d"})
 _ADDS = frozenset({"aten.add", "aten.add_"})
+
+
+def weighted_position(node: fx.Node, policy: QuantPolicy) -> int:
+    """How many of ``policy``'s weighted ops come before ``node`` in its graph's order."""
+    position = 0
+    for other in node.graph.nodes:
+        if other is node:
+            return position
+        if other.op == "call_function" and ir.op_name(other) in policy.weighted_ops:
+            position += 1
+    return position
 
 
 def conv_backbone(value: object) -> fx.Node | None:

@@ -112,6 +112,14 @@ def _scalar(value: Any, where: str) -> None:
         _fail(where, f"expected a string, number or boolean, got {value!r}")
 
 
+def _space_value(value: Any, where: str) -> None:
+    """A value a search axis tries: a scalar, or a list of strings (``compile.float_modules``; empty: none)."""
+    if not isinstance(value, list):
+        _scalar(value, where)
+    elif value:
+        _list_of(_string)(value, where)
+
+
 def _any_table(value: Any, where: str) -> None:
     if not isinstance(value, dict):
         _fail(where, f"expected a table, got {value!r}")
@@ -144,7 +152,8 @@ SCHEMA: dict[str, Any] = {
     "gates": _list_of(_string),
     "model": {"source": _string},
     "compile": {
-        "target": _choice(_targets), "float_modules": _list_of(_string), "float_macs": _number(0, 1),
+        "target": _choice(_targets), "float_modules": _list_of(_string), "float_prefix": _integer(0),
+        "float_macs": _number(0, 1),
         "calibrator": _choice(_calibrators), "threads": _threads, "strict": _boolean, "input_format": _INPUT_FORMAT,
     },
     "passes": {"*": _any_table},
@@ -154,7 +163,7 @@ SCHEMA: dict[str, Any] = {
     "data": {"calibration": _SOURCE, "train": _SOURCE, "evaluation": _SOURCE},
     "bench": {"batches": _list_of(_integer(1)), "runs": _integer(3), "warmup": _integer(0)},
     "output": {"directory": _string},
-    "search": {"space": {"*": _list_of(_scalar)}, "workers": _integer(1),
+    "search": {"space": {"*": _list_of(_space_value)}, "workers": _integer(1),
                "simulation_margin": {name: _number(0) for name in QUALITY_METRICS}},
 }
 _REQUIRED = ("model.source",)
@@ -329,6 +338,10 @@ def recipe_target(recipe: Recipe):
         if not target.quant_policy:
             _fail("compile.float_modules", f"applies to quantising targets; {name!r} does not quantise")
         target = dataclasses.replace(target, quant_policy={**target.quant_policy, "float_modules": list(floats)})
+    if prefix := recipe.get("compile.float_prefix"):
+        if not target.quant_policy:
+            _fail("compile.float_prefix", f"applies to quantising targets; {name!r} does not quantise")
+        target = dataclasses.replace(target, quant_policy={**target.quant_policy, "float_prefix": prefix})
     if (budget := recipe.get("compile.float_macs")) is not None:
         target = _checked(lambda: with_float_fallback(target, budget), "compile.float_macs")
     if (calibrator := recipe.get("compile.calibrator")) is not None:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 #: Axes whose direction is known: +1 when a larger value is more aggressive (faster, less accurate).
 ORDERED_AXES = {
-    "compile.float_macs": -1,
+    "compile.float_macs": -1, "compile.float_prefix": -1,
     "prune.macs": +1, "prune.params": +1, "prune.latency": -1, "prune.sparsity": +1,
     "low_rank.macs": +1, "low_rank.params": +1, "low_rank.energy": -1,
 }
@@ -54,6 +54,9 @@ ORDERED_AXES = {
 #: simulation_margin`` overrides these per metric; 0 rejects on the simulation's verdict alone.
 SIMULATION_MARGIN = {"top1_agreement": 0.01, "cosine_mean": 0.002, "cosine_min": 0.01, "sqnr_db": 0.5,
                      "accuracy_drop": 1.0}
+#: Axes whose values are lists of layers kept in float: ordered when the lists are nested (each
+#: holds the next smaller one), a smaller list being more aggressive.
+NESTED_AXES = ("compile.float_modules",)
 #: A space value that leaves the key out of the trial's recipe.
 UNSET = "unset"
 RESULT_FILE = "result.json"
@@ -66,6 +69,7 @@ class Space:
 
     keys: tuple[str, ...]
     values: tuple[tuple[Any, ...], ...]
+    ordered_axes: tuple[bool, ...]
 
     @classmethod
     def from_recipe(cls, recipe) -> Space:
@@ -74,14 +78,19 @@ class Space:
         if not table:
             raise UsageError("recipe key search.space: give the values to try, e.g. "
                              "\"compile.float_macs\" = [0.0, 0.02, 0.04]")
-        keys, values = [], []
+        keys, values, ordered = [], [], []
         for key, options in table.items():
             direction = ORDERED_AXES.get(key)
-            if direction is not None and UNSET not in options:
+            if UNSET in options:
+                pass
+            elif direction is not None:
                 options = sorted(options, reverse=direction < 0)
+            elif key in NESTED_AXES and _nested(options):
+                options, direction = sorted(options, key=len, reverse=True), -1
             keys.append(key)
             values.append(tuple(options))
-        return cls(tuple(keys), tuple(values))
+            ordered.append(direction is not None and UNSET not in options)
+        return cls(tuple(keys), tuple(values), tuple(ordered))
 
     @property
     def grid_size(self) -> int:
@@ -93,7 +102,7 @@ class Space:
 
     def ordered(self, axis: int) -> bool:
         """Whether axis ``axis`` is ordered by aggressiveness."""
-        return self.keys[axis] in ORDERED_AXES and UNSET not in self.values[axis]
+        return self.ordered_axes[axis]
 
     def points(self) -> list[tuple[int, ...]]:
         """Every grid point, as one value index per axis."""
@@ -114,8 +123,16 @@ class Space:
         return True
 
 
+def _nested(options: list) -> bool:
+    """True when every value is a list and, smallest first, each is contained in the next."""
+    if not all(isinstance(option, list) for option in options):
+        return False
+    chain = sorted((set(option) for option in options), key=len)
+    return all(small < large for small, large in itertools.pairwise(chain))
+
+
 def apply(data: dict, patch: dict[str, Any]) -> dict:
-    """Recipe tables with dotted ``patch`` keys set (``UNSET`` removes a key)."""
+    """Recipe tables with dotted ``patch`` keys set (``UNSET`` or an empty list removes a key)."""
     data = copy.deepcopy(data)
     data.pop("search", None)
     for dotted, value in patch.items():
@@ -123,7 +140,7 @@ def apply(data: dict, patch: dict[str, Any]) -> dict:
         node = data
         for part in path:
             node = node.setdefault(part, {})
-        if value == UNSET:
+        if value == UNSET or value == []:
             node.pop(leaf, None)
         else:
             node[leaf] = value

@@ -95,6 +95,9 @@ def _target_steps(target: str) -> int:
               help="Calibration samples from a zoo model's bundled data, for targets that calibrate.")
 @click.option("--float-module", "float_modules", multiple=True,
               help="Keep this module path (or fnmatch pattern, e.g. 'encoder.layer.5.*') in float; repeatable.")
+@click.option("--float-prefix", type=click.IntRange(0), default=0,
+              help="Keep the first N convs/linears in graph order in float (next to a float input they cost no "
+                   "layout change but one quantiser after them).")
 @click.option("--float-macs", type=click.FloatRange(0, 1), default=None,
               help="Keep the layers that harm the output most in float (sensitivity analysis), up to this share "
                    "of the MACs (e.g. 0.04); by default every layer runs in integer kernels.")
@@ -127,8 +130,8 @@ def _target_steps(target: str) -> int:
               help="PyTorch threads while compiling: auto (the cores found idle at the start, at least one: on a "
                    "loaded machine fewer threads wait less for each other) or a number.")
 @_JSON
-def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, float_macs,
-                    calibrator,
+def compile_command(model, target, output, force, strict, dump_dir, calibration_samples, float_modules, float_prefix,
+                    float_macs, calibrator,
                     prune_macs, prune_latency, low_rank_macs, recover_seconds, recover_augment, input_dtype,
                     input_mean, input_std, input_layout, threads, as_json) -> None:
     """Compile MODEL (a zoo name or path/to/file.py:factory) into an artifact directory.
@@ -154,7 +157,7 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
         raise UsageError("give one pruning budget: --prune-macs or --prune-latency, not both")
     check_destination(_absolute(output), force)  # refuse before minutes of work, not after
     source = model_source.resolve(model)
-    chosen = _with_float_modules(target, float_modules)
+    chosen = _with_float_modules(target, float_modules, float_prefix)
     if float_macs is not None:
         chosen = with_float_fallback(chosen, float_macs)
     if calibrator is not None:
@@ -184,19 +187,22 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
         click.echo(f"wrote {directory}")
 
 
-def _with_float_modules(target: str, float_modules: tuple[str, ...]):
-    """The target, with module paths kept in float added to its quantisation policy."""
+def _with_float_modules(target: str, float_modules: tuple[str, ...], float_prefix: int = 0):
+    """The target, with module paths and the first ``float_prefix`` weighted ops kept in float."""
     import dataclasses
 
     from compiler.errors import UsageError
     from compiler.targets import get_target
 
     chosen = get_target(target)
-    if not float_modules:
+    if not float_modules and not float_prefix:
         return chosen
     if not chosen.quant_policy:
-        raise UsageError(f"--float-module applies to quantising targets; {target!r} does not quantise")
+        flag = "--float-module" if float_modules else "--float-prefix"
+        raise UsageError(f"{flag} applies to quantising targets; {target!r} does not quantise")
     policy = {**chosen.quant_policy, "float_modules": list(float_modules)}
+    if float_prefix:
+        policy["float_prefix"] = float_prefix
     return dataclasses.replace(chosen, quant_policy=policy)
 
 

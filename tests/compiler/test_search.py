@@ -135,3 +135,14 @@ def test_the_choice_is_the_fastest_unless_timing_cannot_tell_then_the_most_aggre
     assert _choose(space, tied)["key"] == "2"  # never measurably slower than the fastest: the most aggressive wins
     apart = [trial(0, 1.00, {"2": 0.80}), trial(2, 1.30, {"0": 1.20})]
     assert _choose(space, apart)["key"] == "0" and _choose(space, []) is None
+
+
+def test_nested_lists_of_float_layers_form_an_ordered_axis_and_others_are_crossed():
+    nested = {"compile.float_modules": [["conv1", "conv2"], [], ["conv1"]]}
+    space = Space.from_recipe(from_dict({**DIGITS, "compile": {"target": "cpu-int8"}, "search": {"space": nested}}))
+    assert space.ordered(0) and space.values[0] == (["conv1", "conv2"], ["conv1"], [])  # least aggressive first
+    assert "float_modules" not in apply(DIGITS | {"compile": {"float_modules": ["x"]}},
+                                        {"compile.float_modules": []})["compile"]
+    crossing = {"compile.float_modules": [["conv1"], ["conv2"]]}
+    assert not Space.from_recipe(from_dict({**DIGITS, "compile": {"target": "cpu-int8"},
+                                            "search": {"space": crossing}})).ordered(0)

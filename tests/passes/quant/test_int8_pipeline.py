@@ -152,6 +152,17 @@ def test_float_module_override_keeps_that_conv_float_with_half_storage():
     assert probe.within_steps((compiled(inputs),), (compiled.simulate(inputs),), 1.0) >= 0.999
 
 
+def test_float_prefix_keeps_the_first_weighted_ops_in_graph_order_float():
+    compiled = compile(_model(), _target(float_prefix=2), _data(1, 0), calibration_data=[_data(16, 1)])
+    weights = {node.meta.get("fxpress_module_path"): node.args[1].target for node in compiled.graph_module.graph.nodes
+               if node.op == "call_function" and ("conv2d" in str(node.target) or "linear" in str(node.target))}
+    float_layers = {path for path, source in weights.items() if source is torch.ops.aten._to_copy.default}
+    assert float_layers == {"stem.0", "depthwise.0"} and weights["project"] is DEQUANTIZE_PER_CHANNEL
+    assert compiled.report.capture["quant_policy"]["float_prefix"] == 2
+    with pytest.raises(TargetError, match="float_prefix must be an integer >= 0, got -1"):
+        make_policy({"float_prefix": -1})
+
+
 def test_sensitivity_ranks_every_integer_op_with_its_module_path():
     target = with_float_fallback("cpu-int8")
     compiled = compile(_model(), target, _data(1, 0), calibration_data=[_data(16, 1)])

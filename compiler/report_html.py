@@ -792,18 +792,23 @@ def render_search_html(summary: dict[str, Any]) -> str:
     note = (f"{len(trials)} trials of a {summary.get('grid_size')}-point grid, {summary.get('reused', 0)} reused from "
             f"the cache, {len(summary.get('skipped', []))} skipped by dominance; {summary.get('executor', '')}, "
             f"{summary.get('seconds', 0)} s.")
-    sections = [_section("front", "Latency against quality", _note(note), _front_chart(trials, metric, chosen)),
+    front = {item["key"] for item in summary.get("front", []) if "key" in item}
+    note += " Blue line: the front (no trial is both faster and better); dashed: the gate."
+    sections = [_section("front", "Latency against quality", _note(note), _front_chart(trials, metric, chosen, front)),
                 _section("trials", "Trials", _trial_table(trials, chosen))]
     return _page("fxpress search", sections)
 
 
-def _front_chart(trials: list[dict[str, Any]], metric: str | None, chosen: str | None) -> str:
+def _front_chart(trials: list[dict[str, Any]], metric: str | None, chosen: str | None, front: set[str]) -> str:
     timed = [trial for trial in trials if trial.get("latency_ms") is not None and metric in trial.get("metrics", {})]
     if not timed or metric is None:
         return _note("no trial passed every gate, so none was timed")
     width, height, margin = 720.0, 300.0, 56.0
     xs = [trial["latency_ms"] for trial in timed]
     ys = [trial["metrics"][metric] for trial in timed]
+    threshold = next((gate["threshold"] for trial in timed for gate in trial.get("gates", [])
+                      if gate.get("metric") == metric), None)
+    ys += [] if threshold is None else [threshold]
     x_low, x_high = min(xs) * 0.95, max(xs) * 1.05
     y_low, y_high = min(ys) - 0.005, max(ys) + 0.005
 
@@ -820,6 +825,14 @@ def _front_chart(trials: list[dict[str, Any]], metric: str | None, chosen: str |
         px, py = place(x, y)
         parts += [f'<text x="{px:.1f}" y="{height - margin + 16}" text-anchor="middle">{x:.3g}</text>',
                   f'<text x="{margin - 6}" y="{py + 4:.1f}" text-anchor="end">{y:.4g}</text>']
+    if threshold is not None:
+        _, gy = place(x_low, threshold)
+        parts.append(f'<line x1="{margin}" y1="{gy:.1f}" x2="{width - margin}" y2="{gy:.1f}" stroke="#c2372f" '
+                     f'stroke-dasharray="6 4"><title>gate: {_text(metric)} {threshold:g}</title></line>')
+    steps = sorted((trial for trial in timed if trial["key"] in front), key=lambda item: item["latency_ms"])
+    if len(steps) > 1:
+        points = " ".join("{:.1f},{:.1f}".format(*place(t["latency_ms"], t["metrics"][metric])) for t in steps)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="#2f6fde" stroke-width="1.5"/>')
     for trial in sorted(timed, key=lambda item: item["key"] == chosen):
         px, py = place(trial["latency_ms"], trial["metrics"][metric])
         mark = trial["key"] == chosen

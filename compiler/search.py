@@ -303,8 +303,8 @@ def search(recipe, output: str | Path, *, address: str | None = None, use_ray: b
     chosen = _choose(space, [trial for trial in timed if trial["passed"]])
     if chosen is not None:
         _publish(chosen, output)
-    front = [{"patch": trial["patch"], "latency_ms": trial["latency_ms"], "metrics": trial["metrics"],
-              "passed": trial["passed"]} for trial in _pareto(timed, recipe.gates[0])]
+    front = [{"key": trial["key"], "patch": trial["patch"], "latency_ms": trial["latency_ms"],
+              "metrics": trial["metrics"], "passed": trial["passed"]} for trial in _pareto(timed, recipe.gates[0])]
     report = SearchReport(space, trials, skipped, chosen, front, time.perf_counter() - started, executor.name)
     summary = report.to_dict()
     (output / "search.json").write_text(json.dumps(summary, indent=1, default=str))

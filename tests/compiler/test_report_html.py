@@ -291,3 +291,21 @@ def test_report_html_in_headless_chromium_requests_nothing_and_logs_no_error(sta
     assert "fold_conv_bn" in text and re.search(r"\bconv2\b", text) and "0.9753" in text and "PASS" in text
     assert order == "descending" and sorted_paths == sorted(sorted_paths, key=str.lower, reverse=True)
     assert set(sorted_paths) == {"conv1", "conv2", "fc"}
+
+
+def test_the_search_page_draws_the_front_the_gate_and_marks_the_choice():
+    from compiler.report_html import render_search_html
+
+    gate = {"gate": "top1_agreement >= 0.97", "metric": "top1_agreement", "comparison": ">=", "threshold": 0.97,
+            "value": None, "passed": True}
+
+    def trial(key, p50, agreement):
+        return {"key": key, "patch": {"compile.float_prefix": int(key)}, "stage": "lowered",
+                "passed": agreement >= 0.97, "latency_ms": p50, "metrics": {"top1_agreement": agreement},
+                "gates": [{**gate, "value": agreement}]}
+
+    trials = [trial("3", 2.3, 0.976), trial("6", 2.5, 0.978), trial("1", 2.2, 0.95), trial("4", 2.7, 0.97)]
+    front = [{"key": key} for key in ("1", "3", "6")]
+    page = render_search_html({"trials": trials, "front": front, "chosen": trials[0], "grid_size": 51})
+    assert page.count("<polyline") == 1 and 'stroke-dasharray="6 4"' in page and "gate: top1_agreement 0.97" in page
+    assert "chosen: compile.float_prefix=3" in page and "4 trials of a 51-point grid" in page

@@ -1,14 +1,15 @@
 r"""Kill a running ``fxpress search`` after some trials finish, resume it, and count what was reused.
 
-Starts ``fxpress search RECIPE -o DIR --json`` in its own process group, waits until ``--after``
-trials have written their result, sends the signal to the whole group (what Ctrl-C in a terminal
-does for SIGINT; the job and its Ray workers all killed for SIGKILL), waits for every process of
-the group to end, then runs the same command again and reports the finished trials it found, the
-trials it reused, and its choice beside a reference search's (``--reference DIR/search.json``).
+Starts ``fxpress search RECIPE -o DIR --json`` in its own session, waits until ``--after`` trials
+have written their result, sends the signal to its process group (what Ctrl-C in a terminal does
+for SIGINT; the driver and Ray's head processes killed at once for SIGKILL), waits for every
+process of the session to end (Ray's workers, in their own groups, end with the head), then runs
+the same command again and reports the finished trials it found, the trials it reused, and its
+choice beside a reference search's (``--reference DIR/search.json``).
 
-    python -m bench.search_resume --signal INT --after 2 -o /tmp/effnet-int \
+    python -m bench.search_resume --signal INT --after 4 -o /tmp/effnet-int \
         --reference /tmp/effnet-search/search.json
-    python -m bench.search_resume --signal KILL --after 2 -o /tmp/effnet-kill --no-ray
+    python -m bench.search_resume --signal KILL --after 4 -o /tmp/effnet-kill --no-ray
 """
 
 from __future__ import annotations
@@ -63,30 +64,44 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupt(command: list[str], output: Path, after: int, kill: signal.Signals) -> dict:
     """Run ``command`` until ``after`` trials have results, then signal its process group; wait for all of it."""
     started = time.perf_counter()
+    # A fresh session, as a terminal's job; SIGINT back to its default, which a job started with `&`
+    # from a script inherits as ignored (then Python installs no KeyboardInterrupt handler).
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     while _finished(output) < after:
         if process.poll() is not None:
             raise SystemExit(f"the search ended (exit {process.returncode}) before {after} trials finished")
         time.sleep(0.5)
     os.killpg(process.pid, kill)
     _, stderr = process.communicate(timeout=600)
-    _wait_for_group(process.pid)
+    _wait_for_session(process.pid)
     lines = [line for line in stderr.splitlines() if line.startswith("fxpress:")]
     return {"returncode": process.returncode, "seconds": time.perf_counter() - started,
             "message": lines[-1] if lines else "(no message)"}
 
 
-def _wait_for_group(group: int, timeout: float = 120.0) -> None:
-    """Until no process of ``group`` is left (Ray's workers shut down after the driver)."""
+def _wait_for_session(session: int, timeout: float = 120.0) -> None:
+    """Until no process of ``session`` is left: Ray's workers (their own process groups) end after the driver."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return
+    while (left := _session_members(session)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    os.killpg(group, signal.SIGKILL)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _session_members(session: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # after the command: state, ppid, pgrp, session
+            members.append(int(entry.name))
+    return members
 
 
 def _finished(output: Path) -> int:

@@ -10,7 +10,8 @@ compiled(x); compiled.save("out/"); print(compiled.report)
 
 Pipelines: ``load_recipe("recipe.toml")`` and ``run_recipe(recipe, output)`` (``fxpress run``), and
 ``bisect(model, target, example_inputs, eval_inputs=..., gates=[parse_gate("top1_agreement >= 0.97")])``
-(``fxpress bisect``).
+(``fxpress bisect``), and ``search(recipe, "out/")`` (``fxpress search``: the fastest trial of the
+recipe's ``[search.space]`` that passes its gates).
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from compiler.gates import Gate, parse_gate
 from compiler.recipe import Recipe, load_recipe
 from compiler.recipe_run import run_recipe
 from compiler.report import Ledger, LedgerEntry
+from compiler.search import SearchReport, search
 from compiler.targets import TARGETS, PassSpec, Target, Tolerance
 
 __all__ = [
     "TARGETS", "AccuracyError", "BisectReport", "Gate", "Recipe", "bisect", "load_recipe", "parse_gate",
-    "run_recipe", "ArtifactError", "CalibrationDataError", "CaptureError",
+    "run_recipe", "SearchReport", "search", "ArtifactError", "CalibrationDataError", "CaptureError",
     "CompiledModel", "EmulationError", "FallbackError", "FxpressError", "InputError", "Ledger", "LedgerEntry",
     "LoweringError", "PassError",
     "PassSpec", "Target", "TargetError", "Tolerance", "UnsupportedOperatorError", "UsageError",

@@ -268,11 +268,11 @@ def _patch_text(patch: dict) -> str:
 
 def search(recipe, output: str | Path, *, address: str | None = None, use_ray: bool | None = None,
            workers: int = 2, progress: Callable[[str], None] | None = None,
-           on_round: Callable[[int, int, str], None] | None = None) -> SearchReport:
+           on_round: Callable[[int, int, int, str], None] | None = None) -> SearchReport:
     """Search the recipe's ``[search.space]`` for the fastest trial passing every gate; write it to ``output``.
 
     ``use_ray`` None uses Ray when it is installed; False runs every trial in this process.
-    ``progress`` gets a line per trial; ``on_round(points decided, grid size, best so far)`` is called
+    ``progress`` gets a line per trial; ``on_round(points decided, grid size, trials run, best so far)`` is called
     after each round of trials. ``output`` receives ``trials/``, ``search.json``, ``search.html`` and
     the chosen artifact as ``best/``.
     """
@@ -296,7 +296,7 @@ def search(recipe, output: str | Path, *, address: str | None = None, use_ray: b
             say(f"trial {len(trials)}: {_patch_text(trial['patch'])}: {'PASS' if record['passed'] else 'FAIL'} "
                 f"({record['stage']}{', cached' if record.get('cached') else ''})")
         if on_round is not None:
-            on_round(len(status), space.grid_size, _best(space, trials))
+            on_round(len(status), space.grid_size, len(trials), _best(space, trials))
     skipped = {point: reason for point, reason in status.items() if reason not in ("pass", "fail")}
     timed = [trial for trial in trials if trial.get("artifact")]
     _time_side_by_side(timed, output, recipe)

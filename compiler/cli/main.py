@@ -466,10 +466,10 @@ def search_command(recipe, output, use_ray, ray_address, workers, as_json) -> No
     from tqdm import tqdm
 
     with tqdm(desc="search: grid points decided", disable=None, file=sys.stderr, leave=False) as bar:
-        def on_round(decided: int, grid: int, best: str) -> None:
+        def on_round(decided: int, grid: int, trials: int, best: str) -> None:
             bar.total = grid
             bar.update(decided - bar.n)
-            bar.set_postfix_str(f"best so far: {best}")
+            bar.set_postfix_str(f"{trials} trials done, best so far: {best}")
 
         try:
             report = search(chosen, directory, address=ray_address, use_ray=use_ray,

@@ -74,8 +74,11 @@ def test_a_pruning_search_in_one_process_finds_the_fastest_passing_trial_and_res
     space = {"prune.macs": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}  # the base recipe gives no budget: the space does
     recipe = from_dict({**DIGITS, "gates": ["top1_agreement >= 0.985"], "prune": {"round_to": 1},
                         "search": {"space": space}}, path=tmp_path / "r.toml")
-    first = search(recipe, tmp_path / "out", use_ray=False)
+    rounds = []
+    first = search(recipe, tmp_path / "out", use_ray=False, on_round=lambda *state: rounds.append(state))
     assert first.chosen is not None and first.chosen["passed"]
+    assert rounds[-1][:3] == (8, 8, len(first.trials)) and [state[2] for state in rounds] == sorted(
+        {state[2] for state in rounds})  # points decided, grid, trials done (growing), best so far
     assert len(first.trials) + len(first.skipped) == 8 and len(first.trials) <= 4
     edge = max(trial["patch"]["prune.macs"] for trial in first.trials if trial["passed"])
     above = [trial for trial in first.trials if trial["patch"]["prune.macs"] > edge]

@@ -465,8 +465,15 @@ class _RayExecutor:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True)
+            try:
+                ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                         log_to_driver=False, ignore_reinit_error=True)
+            except ConnectionError as error:
+                raise UsageError(
+                    f"--ray-address {address}: could not join that Ray cluster ({error}); check the address with "
+                    "`ray status` on the cluster, and where the cluster uses Ray's token authentication (the default "
+                    "of `ray start` in recent Ray), set RAY_AUTH_MODE=token here with the cluster's token in "
+                    "RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
         self.ray, self.width = ray, workers
         self.name = f"Ray ({address or 'local'}, {workers} workers)"
         self.remote = ray.remote(num_cpus=1)(run_trial)

@@ -149,3 +149,15 @@ def test_nested_lists_of_float_layers_form_an_ordered_axis_and_others_are_crosse
     crossing = {"compile.float_modules": [["conv1"], ["conv2"]]}
     assert not Space.from_recipe(from_dict({**DIGITS, "compile": {"target": "cpu-int8"},
                                             "search": {"space": crossing}})).ordered(0)
+
+
+def test_a_ray_cluster_that_cannot_be_joined_is_a_usage_error_naming_the_address(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+
+    def refuse(**options):  # what ray.init raises for an address it cannot reach or authenticate with
+        raise ConnectionError(f"Failed to connect to Ray cluster at {options['address']}")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    recipe = from_dict({**DIGITS, "search": {"space": {"prune.macs": [0.1]}}}, path=tmp_path / "r.toml")
+    with pytest.raises(UsageError, match=r"--ray-address 10.0.0.9:6379: could not join .*RAY_AUTH_MODE=token"):
+        search(recipe, tmp_path / "out", address="10.0.0.9:6379")

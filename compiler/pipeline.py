@@ -152,6 +152,13 @@ def choose_target(target: Target, gm: fx.GraphModule, inputs: tuple[torch.Tensor
     chosen = get_target(target.linear_heavy_target) if share >= target.linear_heavy_share else target
     record = {"requested": target.name, "chosen": chosen.name, "linear_mac_share": round(share, 4),
               "threshold": target.linear_heavy_share}
+    overrides = [key for key in ("float_modules", "float_prefix") if target.quant_policy.get(key)]
+    if chosen is not target and overrides:
+        raise TargetError(
+            f"{' and '.join(overrides)} would keep layers of a static int8 model in float, but {target.name} hands "
+            f"this model ({100 * share:.0f}% of its MACs in Linear/matmul ops) to {chosen.name}, which quantises every "
+            f"Linear at run time; drop them, or keep it static: compile(..., target=dataclasses.replace("
+            f"get_target({target.name!r}), linear_heavy_target=None))")
     if chosen is not target:
         logger.info("target %s: %.0f%% of MACs are in Linear/matmul ops, compiling for %s",
                     target.name, 100 * share, chosen.name)

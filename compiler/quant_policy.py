@@ -166,7 +166,8 @@ class QuantPolicy:
                         if fnmatch.fnmatchcase(path, pattern) or path == pattern), None)
         if matched is not None:
             return f"module path matches float_modules pattern {matched!r}"
-        if self.float_prefix and name in self.weighted_ops and weighted_position(node, self) < self.float_prefix:
+        if self.float_prefix and name in self.weighted_ops and weighted_position(node, self, self.float_prefix) \
+                < self.float_prefix:
             return f"among the first {self.float_prefix} weighted ops in graph order (float_prefix)"
         if self.min_gemm_channels and name in WEIGHTED:
             return small_channels(node, self.min_gemm_channels)
@@ -240,11 +241,14 @@ _CONVS = frozenset({"aten.conv1d", "aten.conv2d", "aten.conv3d"})
 _ADDS = frozenset({"aten.add", "aten.add_"})
 
 
-def weighted_position(node: fx.Node, policy: QuantPolicy) -> int:
-    """How many of ``policy``'s weighted ops come before ``node`` in its graph's order."""
+def weighted_position(node: fx.Node, policy: QuantPolicy, limit: int) -> int:
+    """How many of ``policy``'s weighted ops come before ``node`` in its graph's order, counted up to ``limit``.
+
+    The walk stops at ``limit``, so asking about every node of a large graph stays linear in the prefix.
+    """
     position = 0
     for other in node.graph.nodes:
-        if other is node:
+        if other is node or position >= limit:
             return position
         if other.op == "call_function" and ir.op_name(other) in policy.weighted_ops:
             position += 1

@@ -330,18 +330,13 @@ def _check_options(recipe: Recipe) -> None:
 
 def recipe_target(recipe: Recipe):
     """The recipe's target with its float layers, fallback budget, calibrator and pass overrides applied."""
-    from compiler.targets import get_target, with_calibrator, with_float_fallback
+    from compiler.targets import get_target, with_calibrator, with_float_fallback, with_float_layers
 
-    name = recipe.get("compile.target", "cpu-fp32")
-    target = get_target(name)
+    target = get_target(recipe.get("compile.target", "cpu-fp32"))
     if floats := recipe.get("compile.float_modules"):
-        if not target.quant_policy:
-            _fail("compile.float_modules", f"applies to quantising targets; {name!r} does not quantise")
-        target = dataclasses.replace(target, quant_policy={**target.quant_policy, "float_modules": list(floats)})
+        target = _checked(lambda: with_float_layers(target, modules=floats), "compile.float_modules")
     if prefix := recipe.get("compile.float_prefix"):
-        if not target.quant_policy:
-            _fail("compile.float_prefix", f"applies to quantising targets; {name!r} does not quantise")
-        target = dataclasses.replace(target, quant_policy={**target.quant_policy, "float_prefix": prefix})
+        target = _checked(lambda: with_float_layers(target, prefix=prefix), "compile.float_prefix")
     if (budget := recipe.get("compile.float_macs")) is not None:
         target = _checked(lambda: with_float_fallback(target, budget), "compile.float_macs")
     if (calibrator := recipe.get("compile.calibrator")) is not None:

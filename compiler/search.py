@@ -81,15 +81,12 @@ class Space:
         keys, values, ordered = [], [], []
         for key, options in table.items():
             direction = ORDERED_AXES.get(key)
-            if UNSET in options:
-                pass
-            elif direction is not None:
-                options = sorted(options, reverse=direction < 0)
-            elif key in NESTED_AXES and _nested(options):
-                options, direction = sorted(options, key=len, reverse=True), -1
+            is_ordered = UNSET not in options and (direction is not None or (key in NESTED_AXES and _nested(options)))
+            if is_ordered:  # least aggressive first; nested lists: the longest first
+                options = sorted(options, key=None if direction else len, reverse=(direction or -1) < 0)
             keys.append(key)
             values.append(tuple(options))
-            ordered.append(direction is not None and UNSET not in options)
+            ordered.append(is_ordered)
         return cls(tuple(keys), tuple(values), tuple(ordered))
 
     @property
@@ -410,9 +407,9 @@ def _time_side_by_side(candidates: list[dict], output: Path, recipe) -> None:
     if not candidates:
         return
     cache = output / "latency.json"
-    keys = sorted(trial["key"] for trial in candidates) if all("key" in t for t in candidates) else None
+    keys = sorted(trial["key"] for trial in candidates)
     stored = json.loads(cache.read_text()) if cache.is_file() else {}
-    if keys is None or stored.get("keys") != keys or "block_ratio_min" not in stored:
+    if stored.get("keys") != keys or "block_ratio_min" not in stored:
         stored = {"keys": keys, **_measure_latency(candidates, recipe)}
         cache.write_text(json.dumps(stored, indent=1))
     for trial in candidates:

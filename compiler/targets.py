@@ -207,6 +207,18 @@ def with_calibrator(target: str | Target, calibrator: str, **options: Any) -> Ta
     return dataclasses.replace(target, pipeline=pipeline)
 
 
+def with_float_layers(target: str | Target, modules: tuple[str, ...] | list[str] = (), prefix: int = 0) -> Target:
+    """``target`` keeping ``modules`` (module paths or fnmatch patterns) and its first ``prefix`` weighted ops float."""
+    target = get_target(target)
+    if not modules and not prefix:
+        return target
+    if not target.quant_policy:
+        raise TargetError(f"applies to quantising targets; {target.name!r} does not quantise")
+    policy = {**target.quant_policy, **({"float_modules": list(modules)} if modules else {}),
+              **({"float_prefix": prefix} if prefix else {})}
+    return dataclasses.replace(target, quant_policy=policy)
+
+
 def with_float_fallback(target: str | Target, max_float_macs: float = 0.04) -> Target:
     """``target`` keeping its most harmful layers float (``quant_sensitivity``), up to ``max_float_macs`` of MACs."""
     target = get_target(target)

@@ -189,21 +189,15 @@ def compile_command(model, target, output, force, strict, dump_dir, calibration_
 
 def _with_float_modules(target: str, float_modules: tuple[str, ...], float_prefix: int = 0):
     """The target, with module paths and the first ``float_prefix`` weighted ops kept in float."""
-    import dataclasses
+    from compiler.errors import TargetError, UsageError
+    from compiler.targets import get_target, with_float_layers
 
-    from compiler.errors import UsageError
-    from compiler.targets import get_target
-
-    chosen = get_target(target)
-    if not float_modules and not float_prefix:
-        return chosen
-    if not chosen.quant_policy:
+    chosen = get_target(target)  # an unknown target is its own error, not the flags'
+    try:
+        return with_float_layers(chosen, float_modules, float_prefix)
+    except TargetError as error:
         flag = "--float-module" if float_modules else "--float-prefix"
-        raise UsageError(f"{flag} applies to quantising targets; {target!r} does not quantise")
-    policy = {**chosen.quant_policy, "float_modules": list(float_modules)}
-    if float_prefix:
-        policy["float_prefix"] = float_prefix
-    return dataclasses.replace(chosen, quant_policy=policy)
+        raise UsageError(f"{flag} {error}") from None
 
 
 def _calibration(source, target, samples: int, recovers: bool = False, factorises: bool = False):

@@ -120,3 +120,22 @@ def test_target_with_a_shorter_pipeline_compiles():
     assert compiled.report.entry("fold_conv_bn").op_delta == {"aten.batch_norm": -1}
     x = torch.randn(3, 3, 8, 8)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-5)
+
+
+def test_with_float_layers_sets_the_policy_and_refuses_a_target_that_does_not_quantise():
+    from compiler.targets import with_float_layers
+
+    target = with_float_layers("cpu-int8", ["stem.*"], 3)
+    assert target.quant_policy["float_modules"] == ["stem.*"] and target.quant_policy["float_prefix"] == 3
+    assert with_float_layers("cpu-int8") is get_target("cpu-int8")
+    with pytest.raises(TargetError, match="applies to quantising targets; 'cpu-fp32' does not quantise"):
+        with_float_layers("cpu-fp32", prefix=1)
+
+
+def test_float_layers_on_a_model_handed_to_dynamic_int8_are_refused_not_ignored():
+    from compiler.targets import with_float_layers
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    with pytest.raises(TargetError, match="float_prefix would keep .* hands this model .* to cpu-int8-dynamic"):
+        compile(model, with_float_layers("cpu-int8", prefix=1), (x,), calibration_data=[torch.randn(8, 16)])
